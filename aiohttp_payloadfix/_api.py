@@ -1,0 +1,226 @@
+"""apply / revert / status: deciding which fixes the installed aiohttp needs."""
+
+from __future__ import annotations
+
+import os
+import platform
+import threading
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, FrozenSet, Iterable, Optional, Tuple
+
+import aiohttp
+
+from ._fix import AIOHTTP_VERSION, Fix
+from ._ledger import LEDGER, PayloadFixWarning
+from .fixes import FIXES, by_id
+
+__all__ = (
+    "ENV_DISABLE",
+    "FixStatus",
+    "Status",
+    "apply",
+    "apply_from_env",
+    "is_applied",
+    "revert",
+    "status",
+)
+
+ENV_DISABLE = "AIOHTTP_PAYLOADFIX_DISABLE"
+#: The first release that has every upstream fix; from here on nothing is patched.
+FIXED_UPSTREAM = (3, 13, 0)
+OLDEST_SUPPORTED = (3, 9, 0)
+_ALL_WORDS = frozenset({"1", "true", "yes", "all", "on"})
+
+_lock = threading.RLock()
+_failed: Dict[str, str] = {}
+_reverted: set = set()
+_warned: set = set()
+
+
+@dataclass(frozen=True)
+class FixStatus:
+    id: str
+    upstream: str
+    summary: str
+    releases: str
+    needed: bool
+    applied: bool
+    state: str  # applied, not-needed, unsupported, disabled, failed, reverted, available
+    reason: str
+
+
+@dataclass(frozen=True)
+class Status:
+    version: str
+    aiohttp_version: str
+    python_version: str
+    supported: bool
+    fixes: Tuple[FixStatus, ...]
+
+    def as_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def supported() -> bool:
+    """3.9.0 and newer; on 3.13+ "supported" means: correctly left alone."""
+    return AIOHTTP_VERSION >= OLDEST_SUPPORTED
+
+
+def _disabled_by_env() -> FrozenSet[str]:
+    raw = os.environ.get(ENV_DISABLE, "").strip()
+    if not raw:
+        return frozenset()
+    if raw.lower() in _ALL_WORDS:
+        return frozenset(f.id for f in FIXES)
+    ids = frozenset(part.strip() for part in raw.split(",") if part.strip())
+    unknown = sorted(ids - {f.id for f in FIXES})
+    if unknown:
+        _warn_once(
+            f"env:{raw}",
+            f"{ENV_DISABLE} names unknown fix ids {unknown}; known ids:"
+            f" {', '.join(f.id for f in FIXES)}",
+        )
+    return ids
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key in _warned:
+        return
+    _warned.add(key)
+    warnings.warn(f"aiohttp_payloadfix: {message}", PayloadFixWarning, stacklevel=4)
+
+
+def _need(fix: Fix) -> Tuple[bool, str]:
+    """Whether ``fix`` is needed here, and why (probe first, range as cross-check)."""
+    if AIOHTTP_VERSION < OLDEST_SUPPORTED:
+        return False, f"aiohttp {aiohttp.__version__} is older than 3.9: unsupported"
+    if AIOHTTP_VERSION >= FIXED_UPSTREAM:
+        return False, (
+            f"aiohttp {aiohttp.__version__} already has the upstream fixes;"
+            " nothing is patched on 3.13 and newer"
+        )
+    try:
+        why = fix.probe()
+    except Exception as exc:  # a probe must never break the import
+        return False, f"probe failed: {exc!r}"
+    in_range = fix.in_range()
+    if why is None:
+        note = "" if not in_range else " (although the release is in the affected range)"
+        return False, f"the installed aiohttp already behaves{note}"
+    note = "" if in_range else " (outside the affected range; trusting the probe)"
+    return True, why + note
+
+
+def apply(fixes: Optional[Iterable[str]] = None) -> Tuple[str, ...]:
+    """Apply the given fixes, or every one the installed aiohttp needs.
+
+    Without ``fixes``, those disabled by the environment are skipped. A fix that
+    fails is reported in :func:`status` and warned about; it never raises here.
+    Returns the ids of the fixes active afterwards.
+    """
+    with _lock:
+        if fixes is None:
+            disabled = _disabled_by_env()
+            chosen = [f for f in FIXES if f.id not in disabled]
+        else:
+            wanted = {by_id(i).id for i in fixes}
+            chosen = [f for f in FIXES if f.id in wanted]
+        if AIOHTTP_VERSION < OLDEST_SUPPORTED:
+            _warn_once(
+                "unsupported",
+                f"aiohttp {aiohttp.__version__} is not supported (3.9.0 or newer);"
+                " nothing was patched",
+            )
+            return LEDGER.applied()
+        for fix in chosen:
+            needed, _why = _need(fix)
+            if not needed or LEDGER.is_applied(fix.id):
+                continue
+            try:
+                LEDGER.apply(fix.id, fix.patches())
+            except Exception as exc:
+                _failed[fix.id] = repr(exc)
+                _warn_once(f"failed:{fix.id}", f"fix {fix.id!r} not applied: {exc!r}")
+            else:
+                _failed.pop(fix.id, None)
+                _reverted.discard(fix.id)
+        return LEDGER.applied()
+
+
+def revert(fixes: Optional[Iterable[str]] = None) -> Tuple[str, ...]:
+    """Undo the given fixes (default: all). Returns the ids reverted."""
+    with _lock:
+        if fixes is None:
+            done = LEDGER.revert_all()
+        else:
+            ids = [by_id(i).id for i in fixes]
+            done = tuple(i for i in reversed(LEDGER.applied()) if i in ids)
+            for fix_id in done:
+                LEDGER.revert(fix_id)
+        _reverted.update(done)
+        return done
+
+
+def is_applied(fix_id: Optional[str] = None) -> bool:
+    """With an id: that fix is applied. Without: every fix that the installed
+    aiohttp needs and the environment does not disable is applied."""
+    if fix_id is not None:
+        return LEDGER.is_applied(by_id(fix_id).id)
+    disabled = _disabled_by_env()
+    return all(
+        LEDGER.is_applied(f.id)
+        for f in FIXES
+        if f.id not in disabled and _need(f)[0]
+    )
+
+
+def status() -> Status:
+    disabled = _disabled_by_env()
+    records = []
+    for fix in FIXES:
+        needed, why = _need(fix)
+        applied = LEDGER.is_applied(fix.id)
+        if applied:
+            state = "applied"
+        elif fix.id in _failed:
+            state, why = "failed", _failed[fix.id]
+        elif AIOHTTP_VERSION < OLDEST_SUPPORTED:
+            state = "unsupported"
+        elif not needed:
+            state = "not-needed"
+        elif fix.id in _reverted:
+            state = "reverted"
+        elif fix.id in disabled:
+            state, why = "disabled", f"disabled by {ENV_DISABLE}"
+        else:
+            state = "available"
+        records.append(
+            FixStatus(
+                id=fix.id,
+                upstream=fix.upstream,
+                summary=fix.summary,
+                releases=fix.releases,
+                needed=needed,
+                applied=applied,
+                state=state,
+                reason=why,
+            )
+        )
+    from . import __version__
+
+    return Status(
+        version=__version__,
+        aiohttp_version=aiohttp.__version__,
+        python_version=platform.python_version(),
+        supported=supported(),
+        fixes=tuple(records),
+    )
+
+
+def apply_from_env() -> None:
+    """The import-time call: apply what is needed unless the env opts out."""
+    try:
+        apply()
+    except Exception as exc:  # pragma: no cover - apply() already guards each fix
+        _warn_once("import", f"could not apply fixes: {exc!r}")

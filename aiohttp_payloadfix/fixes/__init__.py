@@ -1,0 +1,23 @@
+"""Every fix this package knows, in the order they are applied."""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+from .._fix import Fix
+from . import content_length_limit, file_payload_reuse
+
+__all__ = ("FIXES", "by_id")
+
+FIXES: Tuple[Fix, ...] = (
+    file_payload_reuse.FIX,
+    content_length_limit.FIX,
+)
+
+
+def by_id(fix_id: str) -> Fix:
+    for fix in FIXES:
+        if fix.id == fix_id:
+            return fix
+    known = ", ".join(f.id for f in FIXES)
+    raise ValueError(f"unknown fix id {fix_id!r} (known: {known})")

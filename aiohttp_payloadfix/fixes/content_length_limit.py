@@ -1,0 +1,155 @@
+"""content-length-limit: never more body bytes than the declared Content-Length.
+
+Upstream: aio-libs/aiohttp PR #10915 (3.12.0) limits bytes, BytesIO, files,
+text files and async iterables; MultipartWriter/FormData, ``@aiohttp.streamer``
+bodies, third-party Payload subclasses and memoryviews whose items are wider
+than a byte still overrun in 3.12.15 and 3.14.x. 3.14.0 refuses a
+Content-Length that is not ASCII digits.
+
+Affected: aiohttp >=3.9.0 (no release limits every body type).
+
+Symptom: with an explicit ``Content-Length`` smaller than the body, the extra
+bytes go onto the wire and the server parses them as the start of the next
+request (request smuggling from the client side). 3.12.0-3.13.5 parse the
+header with ``int()``: ``"-3"`` sends all but the last three bytes.
+
+Remedy, at the one place every body passes through:
+
+* ``ClientRequest.write_bytes`` sets the declared length on the request's
+  ``StreamWriter`` (``writer.length``, which aiohttp's own server side uses to
+  stop at a length), so the writer drops what lies beyond it, whatever wrote it;
+* async iterables stop pulling (and async generators are closed) once that
+  length is reached instead of being drained;
+* ``ClientRequest.update_headers`` refuses a Content-Length that is not plain
+  ASCII digits, or that is given twice with different values, with a
+  ValueError before a connection is even taken.
+
+Chunked requests (no Content-Length) are not touched.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, List, Optional, Sequence
+
+from aiohttp import client_reqrep, hdrs, payload
+
+from .._fix import Fix
+from .._ledger import Patch
+
+__all__ = ("FIX", "declared_length")
+
+
+def _validate(values: List[str]) -> None:
+    for value in values:
+        if not value.isascii() or not value.isdigit():
+            raise ValueError(
+                f"invalid Content-Length header {value!r}: it must be plain ASCII"
+                " digits (a non-negative decimal integer)"
+            )
+    if len({int(v) for v in values}) > 1:
+        raise ValueError(
+            f"conflicting Content-Length headers {values!r}: give the length once"
+        )
+
+
+def declared_length(request: Any) -> Optional[int]:
+    """The Content-Length a request declared, or None for a chunked one."""
+    headers = request.headers
+    value = headers.get(hdrs.CONTENT_LENGTH)
+    if value is None or request.chunked:
+        return None
+    if "chunked" in headers.get(hdrs.TRANSFER_ENCODING, "").lower():
+        return None
+    return int(value)
+
+
+def _build_update_headers(original: Callable[..., Any]) -> Callable[..., Any]:
+    def update_headers(self: Any, headers: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, headers, *args, **kwargs)
+        values = self.headers.getall(hdrs.CONTENT_LENGTH, ())
+        if values:
+            _validate(values)
+
+    return update_headers
+
+
+def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
+    takes_length = len(inspect.signature(original).parameters) > 3
+
+    async def write_bytes(
+        self: Any, writer: Any, conn: Any, content_length: Optional[int] = None
+    ) -> None:
+        length = declared_length(self)
+        if length is not None and getattr(writer, "length", False) is None:
+            writer.length = length
+        if takes_length:
+            await original(self, writer, conn, content_length)
+        else:
+            await original(self, writer, conn)
+
+    return write_bytes
+
+
+def _build_aiter_write(original: Callable[..., Any]) -> Callable[..., Any]:
+    async def write(self: Any, writer: Any, *args: Any) -> None:
+        if (
+            getattr(writer, "length", None) is None
+            or self._iter is None
+            or getattr(self, "_cached_chunks", None) is not None
+        ):
+            await original(self, writer, *args)
+            return
+        iterator = self._iter
+        try:
+            while writer.length:
+                try:
+                    chunk = await iterator.__anext__()
+                except StopAsyncIteration:
+                    return
+                await writer.write(chunk)
+            # The declared length is reached: stop pulling, let it clean up.
+            aclose = getattr(iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        finally:
+            self._iter = None
+
+    return write
+
+
+def _probe() -> Optional[str]:
+    unlimited = [
+        cls.__name__
+        for cls in (payload.Payload, payload.BytesPayload, payload.IOBasePayload)
+        if "write_with_length" not in vars(cls)
+    ]
+    if unlimited:
+        return "no payload limits its write to the declared Content-Length"
+    return (
+        "the declared length is passed to the payload, not the writer: multipart,"
+        " streamer and third-party payloads still write past it"
+    )
+
+
+def _patches() -> Sequence[Patch]:
+    aiter_method = (
+        "write_with_length"
+        if "write_with_length" in vars(payload.AsyncIterablePayload)
+        else "write"
+    )
+    return (
+        Patch(client_reqrep.ClientRequest, "update_headers", _build_update_headers),
+        Patch(client_reqrep.ClientRequest, "write_bytes", _build_write_bytes),
+        Patch(payload.AsyncIterablePayload, aiter_method, _build_aiter_write),
+    )
+
+
+FIX = Fix(
+    id="content-length-limit",
+    upstream="aio-libs/aiohttp PR #10915 (3.12.0, partial)",
+    summary="at most Content-Length body bytes are written; bad values refused",
+    affected=((3, 9, 0), None),
+    probe=_probe,
+    patches=_patches,
+)
