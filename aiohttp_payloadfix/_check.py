@@ -1,0 +1,199 @@
+"""A live self-test: real requests against an aiohttp server on 127.0.0.1.
+
+Each scenario exercises one fix and says what happened on the wire
+(connections opened, bytes the server received). ``run_checks`` runs them once;
+the CLI runs them with the fixes reverted and applied for ``check --compare``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, List, Optional, Tuple
+
+import aiohttp
+from aiohttp import web
+
+__all__ = ("Outcome", "SCENARIOS", "Scenario", "run_checks")
+
+# The server side logs the malformed requests the unpatched client sends.
+_QUIET = logging.getLogger("aiohttp_payloadfix.check.server")
+_QUIET.addHandler(logging.NullHandler())
+_QUIET.propagate = False
+
+_SMUGGLE = b"0123456789GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    text: str
+    ok: bool
+
+
+@dataclass
+class _Server:
+    url: str
+    received: List[Tuple[str, str, bytes]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    fix_id: str
+    run: Callable[[_Server], Awaitable[Outcome]]
+
+
+def _counting_session(**kwargs: Any) -> Tuple[aiohttp.ClientSession, List[int]]:
+    created = [0]
+
+    async def on_create(*_: Any) -> None:
+        created[0] += 1
+
+    trace = aiohttp.TraceConfig()
+    trace.on_connection_create_end.append(on_create)
+    return aiohttp.ClientSession(trace_configs=[trace], **kwargs), created
+
+
+async def _sequential(server: _Server, make_body: Callable[[], Any]) -> Outcome:
+    session, created = _counting_session()
+    async with session:
+        for _ in range(20):
+            async with session.post(server.url + "/upload", data=make_body()) as resp:
+                await resp.read()
+    n = created[0]
+    return Outcome(f"{n} connection{'s' if n != 1 else ''}", n == 1)
+
+
+async def _bytesio_reuse(server: _Server) -> Outcome:
+    return await _sequential(server, lambda: io.BytesIO(b"x" * 1024))
+
+
+async def _file_reuse(server: _Server) -> Outcome:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "body.bin")
+        with open(path, "wb") as f:
+            f.write(os.urandom(100_000))
+        return await _sequential(server, lambda: open(path, "rb"))  # noqa: SIM115
+
+
+async def _seed(server: _Server) -> Outcome:
+    # The reproduction from aio-libs/aiohttp#10325.
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            server.url + "/upload",
+            data=io.BytesIO(),
+            headers={"Content-Length": "0"},
+        ) as resp:
+            await resp.read()
+        pooled = sum(len(v) for v in session.connector._conns.values())  # type: ignore[union-attr]
+    return Outcome(f"{pooled} pooled", pooled == 1)
+
+
+async def _limit(server: _Server) -> Outcome:
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            server.url + "/upload", data=_SMUGGLE, headers={"Content-Length": "10"}
+        ) as resp:
+            await resp.read()
+        # The stray request, if any, is answered on the same connection.
+        for _ in range(20):
+            await asyncio.sleep(0.005)
+    smuggled = [r for r in server.received if r[1] == "/smuggled"]
+    body = next((r[2] for r in server.received if r[1] == "/upload"), b"")
+    if smuggled:
+        return Outcome("stray request GET /smuggled", False)
+    return Outcome(f"{len(body)} of 10 bytes", body == _SMUGGLE[:10])
+
+
+async def _invalid_length(server: _Server) -> Outcome:
+    async with aiohttp.ClientSession() as session:
+        try:
+            async with session.post(
+                server.url + "/upload", data=b"abcdef", headers={"Content-Length": "-3"}
+            ) as resp:
+                await resp.read()
+        except ValueError:
+            return Outcome("ValueError", not server.received)
+    if server.received:
+        return Outcome(f"sent, server got {len(server.received[0][2])} bytes", False)
+    return Outcome("sent to the server", False)
+
+
+async def _redirect_resend(server: _Server) -> Outcome:
+    payload = os.urandom(300_000)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "body.bin")
+        with open(path, "wb") as f:
+            f.write(payload)
+        async with aiohttp.ClientSession() as session:
+            try:
+                with open(path, "rb") as f:
+                    async with session.post(server.url + "/redirect", data=f) as resp:
+                        await resp.read()
+            except (aiohttp.ClientError, ValueError) as exc:
+                return Outcome(f"error: {type(exc).__name__}", True)
+    got = [r[2] for r in server.received if r[1] == "/upload"]
+    if got and got[-1] == payload:
+        return Outcome("whole body resent", True)
+    size = len(got[-1]) if got else 0
+    return Outcome(f"resent {size} of {len(payload)} bytes", False)
+
+
+SCENARIOS: Tuple[Scenario, ...] = (
+    Scenario("seed: BytesIO(), Content-Length: 0", "file-payload-reuse", _seed),
+    Scenario("20 POSTs of BytesIO(1 KiB)", "file-payload-reuse", _bytesio_reuse),
+    Scenario("20 POSTs of an open 100 kB file", "file-payload-reuse", _file_reuse),
+    Scenario("307 redirect of a file upload", "file-payload-reuse", _redirect_resend),
+    Scenario("body longer than Content-Length", "content-length-limit", _limit),
+    Scenario('Content-Length "-3"', "content-length-limit", _invalid_length),
+)
+
+
+async def _serve() -> Tuple[web.AppRunner, _Server]:
+    server = _Server(url="")
+
+    async def record(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        server.received.append((request.method, request.path, body))
+        if request.path == "/redirect":
+            raise web.HTTPTemporaryRedirect("/upload")
+        return web.Response(body=b"")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", record)
+    runner = web.AppRunner(app, access_log=None, logger=_QUIET)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    server.url = f"http://127.0.0.1:{port}"
+    return runner, server
+
+
+async def _run_one(scenario: Scenario) -> Outcome:
+    runner, server = await _serve()
+    try:
+        return await asyncio.wait_for(scenario.run(server), 30)
+    except asyncio.TimeoutError:
+        return Outcome("hangs", False)
+    except Exception as exc:
+        return Outcome(f"error: {exc!r}"[:60], False)
+    finally:
+        await runner.cleanup()
+
+
+async def _run_all(ids: Optional[Tuple[str, ...]]) -> List[Tuple[Scenario, Outcome]]:
+    results = []
+    for scenario in SCENARIOS:
+        if ids is None or scenario.fix_id in ids:
+            results.append((scenario, await _run_one(scenario)))
+    return results
+
+
+def run_checks(ids: Optional[Tuple[str, ...]] = None) -> List[Tuple[Scenario, Outcome]]:
+    """Run the scenarios (of the given fixes) in a fresh event loop."""
+    return asyncio.run(_run_all(ids))
