@@ -89,7 +89,8 @@ async def _seed(server: _Server) -> Outcome:
             headers={"Content-Length": "0"},
         ) as resp:
             await resp.read()
-        pooled = sum(len(v) for v in session.connector._conns.values())  # type: ignore[union-attr]
+        connector: Any = session.connector
+        pooled = sum(len(v) for v in connector._conns.values())
     return Outcome(f"{pooled} pooled", pooled == 1)
 
 

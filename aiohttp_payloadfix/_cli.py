@@ -12,7 +12,7 @@ from ._check import SCENARIOS, Outcome, Scenario, run_checks
 __all__ = ("main",)
 
 
-def _table(rows: List[Tuple[str, ...]]) -> str:
+def _table(rows: Sequence[Tuple[str, ...]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -32,7 +32,7 @@ def _print_status(as_json: bool) -> int:
         print(json.dumps(status.as_dict(), indent=2))
         return 0
     print(_header(status))
-    rows = [("fix", "state", "affected releases", "upstream", "why")]
+    rows: List[Tuple[str, ...]] = [("fix", "state", "affected releases", "upstream", "why")]
     for fix in status.fixes:
         rows.append((fix.id, fix.state, fix.releases, fix.upstream, fix.reason))
     print(_table(rows))
@@ -81,10 +81,11 @@ def _check(compare: bool, as_json: bool) -> int:
         )
         return 1 if failed else 0
     print(_header(status))
-    if compare:
-        rows = [("scenario", "fix", "unpatched", "patched", "")]
-    else:
-        rows = [("scenario", "fix", "result", "")]
+    rows: List[Tuple[str, ...]] = [
+        ("scenario", "fix", "unpatched", "patched", "")
+        if compare
+        else ("scenario", "fix", "result", "")
+    ]
     for scenario in SCENARIOS:
         outcome = patched[scenario.name]
         if scenario.fix_id not in active:
