@@ -7,7 +7,7 @@ import platform
 import threading
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, FrozenSet, Iterable, Optional, Tuple
+from typing import Any, Dict, FrozenSet, Iterable, Optional, Set, Tuple
 
 import aiohttp
 
@@ -31,11 +31,12 @@ ENV_DISABLE = "AIOHTTP_PAYLOADFIX_DISABLE"
 FIXED_UPSTREAM = (3, 13, 0)
 OLDEST_SUPPORTED = (3, 9, 0)
 _ALL_WORDS = frozenset({"1", "true", "yes", "all", "on"})
+_NONE_WORDS = frozenset({"0", "false", "no", "none", "off"})
 
 _lock = threading.RLock()
 _failed: Dict[str, str] = {}
-_reverted: set = set()
-_warned: set = set()
+_reverted: Set[str] = set()
+_warned: Set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,8 @@ class FixStatus:
     releases: str
     needed: bool
     applied: bool
-    state: str  # applied, not-needed, unsupported, disabled, failed, reverted, available
+    # applied, not-needed, unsupported, disabled, failed, reverted, available
+    state: str
     reason: str
 
 
@@ -73,6 +75,8 @@ def _disabled_by_env() -> FrozenSet[str]:
         return frozenset()
     if raw.lower() in _ALL_WORDS:
         return frozenset(f.id for f in FIXES)
+    if raw.lower() in _NONE_WORDS:
+        return frozenset()
     ids = frozenset(part.strip() for part in raw.split(",") if part.strip())
     unknown = sorted(ids - {f.id for f in FIXES})
     if unknown:
@@ -103,10 +107,14 @@ def _need(fix: Fix) -> Tuple[bool, str]:
     try:
         why = fix.probe()
     except Exception as exc:  # a probe must never break the import
-        return False, f"probe failed: {exc!r}"
+        _failed[fix.id] = f"probe failed: {exc!r}"
+        _warn_once(
+            f"probe:{fix.id}", f"cannot tell whether {fix.id!r} is needed: {exc!r}"
+        )
+        return False, _failed[fix.id]
     in_range = fix.in_range()
     if why is None:
-        note = "" if not in_range else " (although the release is in the affected range)"
+        note = " (although the release is in the affected range)" if in_range else ""
         return False, f"the installed aiohttp already behaves{note}"
     note = "" if in_range else " (outside the affected range; trusting the probe)"
     return True, why + note
@@ -169,9 +177,7 @@ def is_applied(fix_id: Optional[str] = None) -> bool:
         return LEDGER.is_applied(by_id(fix_id).id)
     disabled = _disabled_by_env()
     return all(
-        LEDGER.is_applied(f.id)
-        for f in FIXES
-        if f.id not in disabled and _need(f)[0]
+        LEDGER.is_applied(f.id) for f in FIXES if f.id not in disabled and _need(f)[0]
     )
 
 

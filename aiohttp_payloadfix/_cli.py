@@ -14,7 +14,9 @@ __all__ = ("main",)
 
 def _table(rows: Sequence[Tuple[str, ...]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -32,12 +34,17 @@ def _print_status(as_json: bool) -> int:
         print(json.dumps(status.as_dict(), indent=2))
         return 0
     print(_header(status))
-    rows: List[Tuple[str, ...]] = [("fix", "state", "affected releases", "upstream", "why")]
+    rows: List[Tuple[str, ...]] = [
+        ("fix", "state", "affected releases", "upstream", "why")
+    ]
     for fix in status.fixes:
         rows.append((fix.id, fix.state, fix.releases, fix.upstream, fix.reason))
     print(_table(rows))
     if not status.supported:
-        print("\nThis aiohttp release is not supported (3.9.0 or newer): nothing is patched.")
+        print(
+            "\nThis aiohttp release is not supported (3.9.0 or newer):"
+            " nothing is patched."
+        )
     return 0
 
 
@@ -112,7 +119,8 @@ def _by_name(results: List[Tuple[Scenario, Outcome]]) -> List[Tuple[str, Outcome
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m aiohttp_payloadfix",
-        description="Show which aiohttp request-body fixes are active, or test them live.",
+        description="Show which aiohttp request-body fixes are active,"
+        " or test them live.",
     )
     parser.add_argument("--json", action="store_true", help="print JSON")
     sub = parser.add_subparsers(dest="command")

@@ -44,8 +44,9 @@ class PayloadFixWarning(RuntimeWarning):
 class Patch:
     """One attribute to replace.
 
-    ``build`` receives the current value (the one found along the MRO, already
-    unwrapped from any descriptor) and returns the replacement.
+    ``build`` receives the current value, as stored on the class that defines
+    it (a classmethod/staticmethod comes as the descriptor), and returns the
+    replacement.
     """
 
     owner: type
@@ -115,16 +116,21 @@ class Ledger:
         replacement is gone.
         """
         with self._lock:
+            # The first record wins: a later one saved one of our replacements.
+            ours: Dict[Tuple[type, str], _Record] = {}
             for fix_id in self._order:
                 for r in self._records[fix_id]:
-                    if r.owner is owner and r.name == name:
-                        if r.original is not _MISSING:
-                            return r.original
-                        return _resolve(owner.__mro__[1], name)[0]
-        value, _ = _resolve(owner, name)
-        if value is _MISSING:
-            raise AttributeError(f"{owner.__qualname__} has no attribute {name!r}")
-        return value
+                    ours.setdefault((r.owner, r.name), r)
+            for klass in owner.__mro__:
+                if name not in vars(klass):
+                    continue
+                record = ours.get((klass, name))
+                if record is None:
+                    return vars(klass)[name]
+                if record.original is not _MISSING:
+                    return record.original
+                # Ours, on a class that only inherited it: look further up.
+        raise AttributeError(f"{owner.__qualname__} has no attribute {name!r}")
 
     # changes -----------------------------------------------------------
     def apply(self, fix_id: str, patches: Sequence[Patch]) -> bool:
@@ -146,6 +152,11 @@ class Ledger:
                         )
                     own = vars(patch.owner).get(patch.name, _MISSING)
                     replacement = patch.build(current)
+                    if replacement is current:
+                        raise ValueError(
+                            f"patch for {patch.owner.__qualname__}.{patch.name}"
+                            " returned the original itself"
+                        )
                     _mark(replacement, fix_id, current)
                     setattr(patch.owner, patch.name, replacement)
                     done.append(

@@ -52,7 +52,7 @@ _LOG = logging.getLogger("aiohttp_payloadfix")
 _READ_SIZE = 2**16
 
 #: Closes scheduled in the executor, kept alive until they have run.
-_PENDING_CLOSES: Set["asyncio.Future[None]"] = set()
+_PENDING_CLOSES: Set[asyncio.Future[None]] = set()
 
 
 class FileBodyError(ValueError):
@@ -66,7 +66,15 @@ class _Superseded(Exception):
 class _FileState:
     """Per file object: where its body starts and who may read it."""
 
-    __slots__ = ("start", "generation", "lock", "scopes", "builds", "writers", "__weakref__")
+    __slots__ = (
+        "start",
+        "generation",
+        "lock",
+        "scopes",
+        "builds",
+        "writers",
+        "__weakref__",
+    )
 
     def __init__(self) -> None:
         self.start: Optional[int] = None
@@ -78,7 +86,7 @@ class _FileState:
         self.writers = 0  # writes in progress
 
 
-_STATES: "weakref.WeakKeyDictionary[Any, _FileState]" = weakref.WeakKeyDictionary()
+_STATES: weakref.WeakKeyDictionary[Any, _FileState] = weakref.WeakKeyDictionary()
 
 
 def _state(f: Any) -> _FileState:
@@ -101,7 +109,7 @@ def _is_file_body(data: Any) -> bool:
     return isinstance(data, io.IOBase)
 
 
-def _log_close_error(fut: "asyncio.Future[None]") -> None:
+def _log_close_error(fut: asyncio.Future[None]) -> None:
     _PENDING_CLOSES.discard(fut)
     if not fut.cancelled() and (exc := fut.exception()) is not None:
         _LOG.warning("closing a request body file failed: %r", exc)
