@@ -5,13 +5,14 @@ from __future__ import annotations
 from typing import Tuple
 
 from .._fix import Fix
-from . import content_length_limit, file_payload_reuse
+from . import chunked_file_reads, content_length_limit, file_payload_reuse
 
 __all__ = ("FIXES", "by_id")
 
 FIXES: Tuple[Fix, ...] = (
     file_payload_reuse.FIX,
     content_length_limit.FIX,
+    chunked_file_reads.FIX,
 )
 
 
