@@ -5,7 +5,12 @@ from __future__ import annotations
 from typing import Tuple
 
 from .._fix import Fix
-from . import chunked_file_reads, content_length_limit, file_payload_reuse
+from . import (
+    chunked_file_reads,
+    content_length_limit,
+    file_payload_reuse,
+    write_bytes_signature,
+)
 
 __all__ = ("FIXES", "by_id")
 
@@ -13,6 +18,7 @@ FIXES: Tuple[Fix, ...] = (
     file_payload_reuse.FIX,
     content_length_limit.FIX,
     chunked_file_reads.FIX,
+    write_bytes_signature.FIX,
 )
 
 
