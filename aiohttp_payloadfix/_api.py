@@ -37,6 +37,11 @@ _lock = threading.RLock()
 _failed: Dict[str, str] = {}
 _reverted: Set[str] = set()
 _warned: Set[str] = set()
+_blocked: Dict[str, str] = {}
+
+
+def _active_or_unneeded(fix_id: str) -> bool:
+    return LEDGER.is_applied(fix_id) or not _need(by_id(fix_id))[0]
 
 
 @dataclass(frozen=True)
@@ -145,6 +150,11 @@ def apply(fixes: Optional[Iterable[str]] = None) -> Tuple[str, ...]:
             needed, _why = _need(fix)
             if not needed or LEDGER.is_applied(fix.id):
                 continue
+            missing = [r for r in fix.requires if not _active_or_unneeded(r)]
+            if missing:
+                _blocked[fix.id] = f"needs {', '.join(missing)}, which is not active"
+                continue
+            _blocked.pop(fix.id, None)
             try:
                 LEDGER.apply(fix.id, fix.patches())
             except Exception as exc:
@@ -199,6 +209,8 @@ def status() -> Status:
             state = "reverted"
         elif fix.id in disabled:
             state, why = "disabled", f"disabled by {ENV_DISABLE}"
+        elif fix.id in _blocked:
+            state, why = "available", _blocked[fix.id]
         else:
             state = "available"
         records.append(

@@ -42,6 +42,8 @@ class Fix:
     affected: Tuple[Version, Optional[Version]]
     probe: Callable[[], Optional[str]]
     patches: Callable[[], Sequence[Patch]]
+    #: Fixes that must be active for this one not to make things worse.
+    requires: Tuple[str, ...] = ()
 
     def in_range(self, version: Version = AIOHTTP_VERSION) -> bool:
         low, high = self.affected

@@ -6,6 +6,7 @@ from typing import Tuple
 
 from .._fix import Fix
 from . import (
+    cancelled_upload_close,
     chunked_file_reads,
     content_length_limit,
     file_payload_reuse,
@@ -16,6 +17,8 @@ __all__ = ("FIXES", "by_id")
 
 FIXES: Tuple[Fix, ...] = (
     file_payload_reuse.FIX,
+    # Replaces write_bytes whole, so it goes before the fixes that wrap it.
+    cancelled_upload_close.FIX,
     content_length_limit.FIX,
     chunked_file_reads.FIX,
     write_bytes_signature.FIX,
