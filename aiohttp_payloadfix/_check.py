@@ -144,6 +144,58 @@ async def _redirect_resend(server: _Server) -> Outcome:
     return Outcome(f"resent {size} of {len(payload)} bytes", False)
 
 
+class _RecordingReader(io.BufferedReader):
+    """An open file that remembers the largest read it was asked for."""
+
+    largest = 0
+
+    def read(self, size: Optional[int] = -1) -> bytes:
+        if size is None or size < 0:
+            self.largest = max(self.largest, 1 << 62)
+        else:
+            self.largest = max(self.largest, size)
+        return super().read(size)
+
+
+async def _bounded_reads(server: _Server) -> Outcome:
+    size = 8 * 2**20
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "body.bin")
+        with open(path, "wb") as f:
+            f.truncate(size)
+        async with aiohttp.ClientSession() as session:
+            with _RecordingReader(io.FileIO(path)) as f:
+                headers = {"Content-Length": str(size)}
+                async with session.post(
+                    server.url + "/upload", data=f, headers=headers
+                ) as resp:
+                    await resp.read()
+                largest = f.largest
+    got = len(server.received[-1][2]) if server.received else 0
+    if got != size:
+        return Outcome(f"server got {got} of {size} bytes", False)
+    if largest >= 1 << 62:
+        return Outcome("read the whole file at once", False)
+    return Outcome(f"largest read {largest // 1024} KiB", largest <= 2**16)
+
+
+async def _old_signature(server: _Server) -> Outcome:
+    from aiohttp.client_reqrep import ClientRequest
+
+    class Written311Style(ClientRequest):
+        async def write_bytes(self, writer: Any, conn: Any) -> None:  # type: ignore[override,unused-ignore]
+            await super().write_bytes(writer, conn)
+
+    try:
+        async with aiohttp.ClientSession(request_class=Written311Style) as session:
+            async with session.post(server.url + "/upload", data=b"hello") as resp:
+                await resp.read()
+    except TypeError as exc:
+        return Outcome(f"TypeError: {str(exc).split(') ')[-1]}", False)
+    got = server.received[-1][2] if server.received else b""
+    return Outcome("works", got == b"hello")
+
+
 SCENARIOS: Tuple[Scenario, ...] = (
     Scenario("seed: BytesIO(), Content-Length: 0", "file-payload-reuse", _seed),
     Scenario("20 POSTs of BytesIO(1 KiB)", "file-payload-reuse", _bytesio_reuse),
@@ -151,6 +203,12 @@ SCENARIOS: Tuple[Scenario, ...] = (
     Scenario("307 redirect of a file upload", "file-payload-reuse", _redirect_resend),
     Scenario("body longer than Content-Length", "content-length-limit", _limit),
     Scenario('Content-Length "-3"', "content-length-limit", _invalid_length),
+    Scenario("8 MiB file upload, read sizes", "chunked-file-reads", _bounded_reads),
+    Scenario(
+        "request_class with write_bytes(writer, conn)",
+        "write-bytes-signature",
+        _old_signature,
+    ),
 )
 
 
@@ -164,7 +222,7 @@ async def _serve() -> Tuple[web.AppRunner, _Server]:
             raise web.HTTPTemporaryRedirect("/upload")
         return web.Response(body=b"")
 
-    app = web.Application()
+    app = web.Application(client_max_size=1 << 30)
     app.router.add_route("*", "/{tail:.*}", record)
     runner = web.AppRunner(app, access_log=None, logger=_QUIET)
     await runner.setup()
