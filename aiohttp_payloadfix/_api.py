@@ -106,8 +106,8 @@ def _need(fix: Fix) -> Tuple[bool, str]:
         return False, f"aiohttp {aiohttp.__version__} is older than 3.9: unsupported"
     if AIOHTTP_VERSION >= FIXED_UPSTREAM:
         return False, (
-            f"aiohttp {aiohttp.__version__} already has the upstream fixes;"
-            " nothing is patched on 3.13 and newer"
+            f"aiohttp {aiohttp.__version__}: by design nothing is patched on 3.13"
+            " and newer, which has the upstream fixes"
         )
     try:
         why = fix.probe()
@@ -172,10 +172,20 @@ def revert(fixes: Optional[Iterable[str]] = None) -> Tuple[str, ...]:
         if fixes is None:
             done = LEDGER.revert_all()
         else:
-            ids = [by_id(i).id for i in fixes]
-            done = tuple(i for i in reversed(LEDGER.applied()) if i in ids)
-            for fix_id in done:
+            ids = {by_id(i).id for i in fixes}
+            order = LEDGER.applied()
+            hits = [order.index(i) for i in ids if i in order]
+            if not hits:
+                return ()
+            # Fixes applied later may wrap the same attributes: take them off
+            # too, then put the ones not asked for back on top.
+            tail = order[min(hits) :]
+            for fix_id in reversed(tail):
                 LEDGER.revert(fix_id)
+            for fix_id in tail:
+                if fix_id not in ids:
+                    LEDGER.apply(fix_id, by_id(fix_id).patches())
+            done = tuple(i for i in reversed(tail) if i in ids)
         _reverted.update(done)
         return done
 

@@ -123,7 +123,7 @@ class _Suspend:
 
 
 def _probe() -> Optional[str]:
-    method = inspect.unwrap(vars(client_reqrep.ClientRequest)["write_bytes"])
+    method = inspect.unwrap(client_reqrep.ClientRequest.write_bytes)
     if "content_length" in inspect.signature(method).parameters:
         return None  # the 3.12 write path, which closes on cancellation
     stub = _Stub()

@@ -33,6 +33,7 @@ import inspect
 from typing import Any, Callable, List, Optional, Sequence
 
 from aiohttp import client_reqrep, hdrs, payload
+from aiohttp.http_writer import StreamWriter
 
 from .._fix import Fix
 from .._ledger import Patch
@@ -53,6 +54,17 @@ def _validate(values: List[str]) -> None:
         )
 
 
+def open_length(writer: Any) -> Optional[int]:
+    """Body bytes the request's writer will still accept, or None: no limit.
+
+    Only aiohttp's own StreamWriter carries the declared length; other writers
+    inherit ``AbstractStreamWriter.length = 0``, which means nothing here.
+    """
+    if isinstance(writer, StreamWriter):
+        return writer.length
+    return None
+
+
 def declared_length(request: Any) -> Optional[int]:
     """The Content-Length a request declared, or None for a chunked one."""
     headers = request.headers
@@ -62,6 +74,10 @@ def declared_length(request: Any) -> Optional[int]:
     if "chunked" in headers.get(hdrs.TRANSFER_ENCODING, "").lower():
         return None
     return int(value)
+
+
+def _nbytes(chunk: Any) -> int:
+    return chunk.nbytes if isinstance(chunk, memoryview) else len(chunk)
 
 
 def _build_update_headers(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -81,8 +97,9 @@ def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
         self: Any, writer: Any, conn: Any, content_length: Optional[int] = None
     ) -> None:
         length = declared_length(self)
-        if length is not None and getattr(writer, "length", False) is None:
-            writer.length = length
+        if length is not None and isinstance(writer, StreamWriter):
+            if writer.length is None:
+                writer.length = length
         if takes_length:
             await original(self, writer, conn, content_length)
         else:
@@ -93,8 +110,11 @@ def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
 
 def _build_aiter_write(original: Callable[..., Any]) -> Callable[..., Any]:
     async def write(self: Any, writer: Any, *args: Any) -> None:
+        limit = open_length(writer)
+        if args and args[0] is not None:  # 3.12's content_length argument
+            limit = args[0] if limit is None else min(limit, args[0])
         if (
-            getattr(writer, "length", None) is None
+            limit is None
             or self._iter is None
             or getattr(self, "_cached_chunks", None) is not None
         ):
@@ -102,11 +122,16 @@ def _build_aiter_write(original: Callable[..., Any]) -> Callable[..., Any]:
             return
         iterator = self._iter
         try:
-            while writer.length:
+            while limit > 0:
                 try:
                     chunk = await iterator.__anext__()
                 except StopAsyncIteration:
                     return
+                size = _nbytes(chunk)
+                if size > limit:
+                    chunk = memoryview(chunk).cast("B")[:limit]
+                    size = limit
+                limit -= size
                 await writer.write(chunk)
             # The declared length is reached: stop pulling, let it clean up.
             aclose = getattr(iterator, "aclose", None)

@@ -45,6 +45,7 @@ from aiohttp import client, client_reqrep, payload
 
 from .._fix import Fix
 from .._ledger import Patch
+from .content_length_limit import open_length
 
 __all__ = ("FIX", "FileBodyError")
 
@@ -151,9 +152,9 @@ async def _write_file(pl: Any, writer: Any) -> None:
     if state.start is None:
         state.start = _tell(f)
     limit = _size_of(pl)
-    open_length = getattr(writer, "length", None)
-    if open_length is not None and (limit is None or open_length < limit):
-        limit = open_length
+    remaining = open_length(writer)
+    if remaining is not None and (limit is None or remaining < limit):
+        limit = remaining
     encoding: Optional[str] = None
     if isinstance(pl, payload.TextIOPayload):
         encoding = pl._encoding or "utf-8"

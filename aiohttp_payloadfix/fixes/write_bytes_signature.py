@@ -86,8 +86,8 @@ def _build_send(original: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _content_length_param() -> Optional[inspect.Parameter]:
-    method = vars(client_reqrep.ClientRequest)["write_bytes"]
-    return inspect.signature(inspect.unwrap(method)).parameters.get("content_length")
+    method = inspect.unwrap(client_reqrep.ClientRequest.write_bytes)
+    return inspect.signature(method).parameters.get("content_length")
 
 
 def _probe() -> Optional[str]:
