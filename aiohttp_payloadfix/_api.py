@@ -197,7 +197,11 @@ def is_applied(fix_id: Optional[str] = None) -> bool:
         return LEDGER.is_applied(by_id(fix_id).id)
     disabled = _disabled_by_env()
     return all(
-        LEDGER.is_applied(f.id) for f in FIXES if f.id not in disabled and _need(f)[0]
+        LEDGER.is_applied(f.id)
+        for f in FIXES
+        if f.id not in disabled
+        and not disabled.intersection(f.requires)
+        and _need(f)[0]
     )
 
 
@@ -220,7 +224,7 @@ def status() -> Status:
         elif fix.id in disabled:
             state, why = "disabled", f"disabled by {ENV_DISABLE}"
         elif fix.id in _blocked:
-            state, why = "available", _blocked[fix.id]
+            state, why = "disabled", _blocked[fix.id]
         else:
             state = "available"
         records.append(

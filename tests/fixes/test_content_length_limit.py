@@ -452,6 +452,12 @@ async def test_generator_drained_bug_reproduces(
     assert pulls.pulled == pulls.total
 
 
+@pytest.mark.xfail(
+    AIOHTTP_VERSION < (3, 9, 5),
+    reason="aiohttp 3.9.0 itself puts the connection back after a total timeout"
+    " (3.9.5 does not); short-body-error will close it",
+    strict=False,
+)
 async def test_short_body_is_not_reused(
     fixed: FixState, raw_server: RawHTTPServer
 ) -> None:
