@@ -20,7 +20,7 @@ from typing import Any, Callable, List, Optional, Sequence
 from aiohttp import payload
 
 from .._fix import Fix
-from .._ledger import Patch
+from .._ledger import LEDGER, Patch
 
 __all__ = ("FIX",)
 
@@ -58,8 +58,12 @@ class _Recorder:
 
 
 def _probe() -> Optional[str]:
-    first_read = vars(payload.IOBasePayload).get("_read_and_available_len")
-    if first_read is None:
+    try:
+        # As released, not as this package may have patched it already.
+        first_read = LEDGER.get_original(
+            payload.IOBasePayload, "_read_and_available_len"
+        )
+    except AttributeError:
         return None  # before 3.12: a fixed 64 KiB per read
 
     class _Huge(payload.BufferedReaderPayload):
