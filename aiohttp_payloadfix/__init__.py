@@ -6,8 +6,8 @@ nothing, or to a comma-separated list of fix ids to skip those.
 """
 
 from ._api import FixStatus, Status, apply, is_applied, revert, status
+from ._filebody import FileBodyError
 from ._ledger import PayloadFixWarning
-from .fixes.file_payload_reuse import FileBodyError
 
 __all__ = (
     "FileBodyError",

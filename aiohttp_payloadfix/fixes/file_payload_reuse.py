@@ -36,106 +36,26 @@ from __future__ import annotations
 
 import asyncio
 import io
-import logging
-import threading
-import weakref
-from typing import Any, Callable, Optional, Sequence, Set
+from typing import Any, Callable, Optional, Sequence
 
 from aiohttp import client, client_reqrep, payload
 
+from .._filebody import (
+    Superseded,
+    build_request_scope,
+    build_rewind,
+    close_soon,
+    read_current,
+    state_of,
+    tell,
+)
 from .._fix import Fix
 from .._ledger import Patch
 from .content_length_limit import open_length
 
-__all__ = ("FIX", "FileBodyError")
+__all__ = ("FIX",)
 
-_LOG = logging.getLogger("aiohttp_payloadfix")
 _READ_SIZE = 2**16
-
-#: Closes scheduled in the executor, kept alive until they have run.
-_PENDING_CLOSES: Set[asyncio.Future[None]] = set()
-
-
-class FileBodyError(ValueError):
-    """A file body cannot be (re)sent as a whole."""
-
-
-class _Superseded(Exception):
-    """A newer attempt of the same request owns the file now."""
-
-
-class _FileState:
-    """Per file object: where its body starts and who may read it."""
-
-    __slots__ = (
-        "start",
-        "generation",
-        "lock",
-        "scopes",
-        "builds",
-        "writers",
-        "__weakref__",
-    )
-
-    def __init__(self) -> None:
-        self.start: Optional[int] = None
-        self.generation = 0
-        # Serialises executor reads with the rewind of a resend.
-        self.lock = threading.Lock()
-        self.scopes = 0  # ClientSession._request calls using this file as data
-        self.builds = 0  # requests built from it in the current scope
-        self.writers = 0  # writes in progress
-
-
-_STATES: weakref.WeakKeyDictionary[Any, _FileState] = weakref.WeakKeyDictionary()
-
-
-def _state(f: Any) -> _FileState:
-    state = _STATES.get(f)
-    if state is None:
-        state = _STATES[f] = _FileState()
-    return state
-
-
-def _tell(f: Any) -> Optional[int]:
-    try:
-        if not f.seekable():
-            return None
-        return int(f.tell())
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def _is_file_body(data: Any) -> bool:
-    return isinstance(data, io.IOBase)
-
-
-def _log_close_error(fut: asyncio.Future[None]) -> None:
-    _PENDING_CLOSES.discard(fut)
-    if not fut.cancelled() and (exc := fut.exception()) is not None:
-        _LOG.warning("closing a request body file failed: %r", exc)
-
-
-def _close_soon(f: Any) -> None:
-    """Close ``f`` without making anybody wait for it."""
-    if isinstance(f, io.BytesIO) or getattr(f, "closed", True):
-        return
-    try:
-        loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(None, f.close)
-    except RuntimeError:
-        # No running loop, a closed loop or an executor already shut down.
-        f.close()
-        return
-    _PENDING_CLOSES.add(fut)
-    fut.add_done_callback(_log_close_error)
-
-
-def _read(f: Any, state: _FileState, generation: int, size: int) -> Any:
-    with state.lock:
-        if state.generation != generation:
-            raise _Superseded
-        return f.read(size)
 
 
 def _size_of(pl: payload.Payload) -> Optional[int]:
@@ -147,10 +67,10 @@ def _size_of(pl: payload.Payload) -> Optional[int]:
 
 async def _write_file(pl: Any, writer: Any) -> None:
     f = pl._value
-    state = _state(f)
+    state = state_of(f)
     generation = state.generation
     if state.start is None:
-        state.start = _tell(f)
+        state.start = tell(f)
     limit = _size_of(pl)
     remaining = open_length(writer)
     if remaining is not None and (limit is None or remaining < limit):
@@ -167,11 +87,11 @@ async def _write_file(pl: Any, writer: Any) -> None:
             want = _READ_SIZE if limit is None else min(_READ_SIZE, limit - written)
             if in_memory:
                 if state.generation != generation:
-                    raise _Superseded
+                    raise Superseded
                 chunk = f.read(want)
             else:
                 chunk = await loop.run_in_executor(
-                    None, _read, f, state, generation, want
+                    None, read_current, f, state, generation, want
                 )
             if not chunk:
                 break
@@ -181,76 +101,12 @@ async def _write_file(pl: Any, writer: Any) -> None:
                 chunk = chunk[: limit - written]
             written += len(chunk)
             await writer.write(chunk)
-    except _Superseded:
+    except Superseded:
         pass
     finally:
         state.writers -= 1
         if state.scopes == 0 and state.writers == 0:
-            _close_soon(f)
-
-
-def _begin_scope(f: Any) -> _FileState:
-    state = _state(f)
-    if state.scopes == 0:
-        with state.lock:
-            # A write left over from an earlier request must not read on.
-            state.generation += 1
-            state.start = _tell(f)
-            state.builds = 0
-    state.scopes += 1
-    return state
-
-
-def _end_scope(f: Any, state: _FileState) -> None:
-    state.scopes -= 1
-    if state.scopes == 0 and state.writers == 0:
-        _close_soon(f)
-
-
-def _rewind_for_resend(f: Any, state: _FileState) -> None:
-    state.builds += 1
-    if state.builds == 1:
-        return
-    if getattr(f, "closed", False):
-        raise FileBodyError(
-            f"cannot resend the request body {f!r}: the file was closed after"
-            " the first attempt"
-        )
-    with state.lock:
-        state.generation += 1
-        if state.start is None:
-            raise FileBodyError(
-                f"cannot resend the request body {f!r}: it is not seekable, so"
-                " the part already sent by the first attempt cannot be read again;"
-                " send bytes, a seekable file or an async generator that can be"
-                " restarted"
-            )
-        f.seek(state.start)
-
-
-def _build_request(original: Callable[..., Any]) -> Callable[..., Any]:
-    async def _request(self: Any, method: str, str_or_url: Any, **kwargs: Any) -> Any:
-        data = kwargs.get("data")
-        if not _is_file_body(data):
-            return await original(self, method, str_or_url, **kwargs)
-        state = _begin_scope(data)
-        try:
-            return await original(self, method, str_or_url, **kwargs)
-        finally:
-            _end_scope(data, state)
-
-    return _request
-
-
-def _build_update_body(original: Callable[..., Any]) -> Callable[..., Any]:
-    def update_body_from_data(self: Any, body: Any, *args: Any, **kwargs: Any) -> None:
-        if _is_file_body(body):
-            state = _STATES.get(body)
-            if state is not None and state.scopes:
-                _rewind_for_resend(body, state)
-        original(self, body, *args, **kwargs)
-
-    return update_body_from_data
+            close_soon(f)
 
 
 def _build_write(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -273,8 +129,8 @@ def _patches() -> Sequence[Patch]:
     return (
         Patch(payload.IOBasePayload, "write", _build_write),
         Patch(payload.TextIOPayload, "write", _build_write),
-        Patch(client.ClientSession, "_request", _build_request),
-        Patch(client_reqrep.ClientRequest, "update_body_from_data", _build_update_body),
+        Patch(client.ClientSession, "_request", build_request_scope(close=True)),
+        Patch(client_reqrep.ClientRequest, "update_body_from_data", build_rewind),
     )
 
 

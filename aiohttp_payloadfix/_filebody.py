@@ -1,0 +1,212 @@
+"""Shared bookkeeping for file bodies: where a body starts, who may read it,
+and when it may be closed.
+
+aiohttp resends a request body on 307/308 redirects and (>=3.10) once more for
+idempotent methods when a pooled connection turns out to be stale, each time
+building a new request from the caller's ``data``. For a file that means:
+
+* a *scope*: one ``ClientSession._request`` call. The file stays open for the
+  whole call and is closed when it ends (or when a write still running then
+  ends), never between two attempts;
+* each rebuild inside the scope rewinds the file to where the request started,
+  and bumps the file's *generation* under its lock: a read by a superseded
+  attempt (its executor job may still be running) is refused, so it cannot
+  move the position under the new attempt;
+* a file that cannot be rewound, or that is already closed, makes the resend
+  fail with :class:`FileBodyError` instead of sending a truncated body.
+
+Used by the fixes file-payload-reuse (3.9-3.11) and file-resend (3.12).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import threading
+import weakref
+from typing import Any, Callable, Optional, Set
+
+__all__ = (
+    "FileBodyError",
+    "FileState",
+    "Superseded",
+    "build_request_scope",
+    "build_rewind",
+    "close_soon",
+    "read_current",
+    "state_of",
+)
+
+_LOG = logging.getLogger("aiohttp_payloadfix")
+
+#: Closes scheduled in the executor, kept alive until they have run.
+_PENDING_CLOSES: Set[asyncio.Future[None]] = set()
+
+
+class FileBodyError(ValueError):
+    """A file body cannot be (re)sent as a whole."""
+
+
+class Superseded(Exception):
+    """A newer attempt of the same request owns the file now."""
+
+
+class FileState:
+    """Per file object: where its body starts and who may read it."""
+
+    __slots__ = (
+        "start",
+        "generation",
+        "lock",
+        "scopes",
+        "builds",
+        "writers",
+        "close_wanted",
+        "__weakref__",
+    )
+
+    def __init__(self) -> None:
+        self.start: Optional[int] = None
+        self.generation = 0
+        # Serialises executor reads with the rewind of a resend.
+        self.lock = threading.Lock()
+        self.scopes = 0  # ClientSession._request calls using this file as data
+        self.builds = 0  # requests built from it in the current scope
+        self.writers = 0  # writes in progress
+        self.close_wanted = False  # a close deferred until the scope ends
+
+
+_STATES: weakref.WeakKeyDictionary[Any, FileState] = weakref.WeakKeyDictionary()
+
+
+def state_of(f: Any) -> FileState:
+    state = _STATES.get(f)
+    if state is None:
+        state = _STATES[f] = FileState()
+    return state
+
+
+def existing_state(f: Any) -> Optional[FileState]:
+    return _STATES.get(f)
+
+
+def tell(f: Any) -> Optional[int]:
+    """The position of a seekable file, or None."""
+    try:
+        if not f.seekable():
+            return None
+        return int(f.tell())
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _log_close_error(fut: asyncio.Future[None]) -> None:
+    _PENDING_CLOSES.discard(fut)
+    if not fut.cancelled() and (exc := fut.exception()) is not None:
+        _LOG.warning("closing a request body file failed: %r", exc)
+
+
+def close_soon(f: Any) -> None:
+    """Close ``f`` without making anybody wait for it. BytesIO stays open."""
+    if isinstance(f, io.BytesIO) or getattr(f, "closed", True):
+        return
+    try:
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(None, f.close)
+    except RuntimeError:
+        # No running loop, a closed loop or an executor already shut down.
+        f.close()
+        return
+    _PENDING_CLOSES.add(fut)
+    fut.add_done_callback(_log_close_error)
+
+
+def read_current(f: Any, state: FileState, generation: int, size: int) -> Any:
+    """``f.read(size)`` for the attempt of ``generation``, in an executor."""
+    with state.lock:
+        if state.generation != generation:
+            raise Superseded
+        return f.read(size)
+
+
+def _begin_scope(f: Any) -> FileState:
+    state = state_of(f)
+    if state.scopes == 0:
+        with state.lock:
+            # A write left over from an earlier request must not read on.
+            state.generation += 1
+            state.start = tell(f)
+            state.builds = 0
+            state.close_wanted = False
+    state.scopes += 1
+    return state
+
+
+def _end_scope(f: Any, state: FileState, close: bool) -> None:
+    state.scopes -= 1
+    if state.scopes == 0 and state.writers == 0 and (close or state.close_wanted):
+        state.close_wanted = False
+        close_soon(f)
+
+
+def _rewind(f: Any, state: FileState) -> None:
+    state.builds += 1
+    if state.builds == 1:
+        return
+    if getattr(f, "closed", False):
+        raise FileBodyError(
+            f"cannot resend the request body {f!r}: the file was closed after"
+            " the first attempt"
+        )
+    with state.lock:
+        state.generation += 1
+        if state.start is None:
+            raise FileBodyError(
+                f"cannot resend the request body {f!r}: it is not seekable, so"
+                " the part already sent by the first attempt cannot be read again;"
+                " send bytes, a seekable file or an async generator that can be"
+                " restarted"
+            )
+        f.seek(state.start)
+
+
+def build_request_scope(close: bool) -> Callable[[Callable[..., Any]], Any]:
+    """``ClientSession._request`` holding a file ``data`` open for the call.
+
+    With ``close``, the file is closed when the call ends (the 3.9-3.11 write
+    path closes files itself, which this replaces); otherwise only a close
+    that was deferred during the call is carried out.
+    """
+
+    def build(original: Callable[..., Any]) -> Callable[..., Any]:
+        async def _request(
+            self: Any, method: str, str_or_url: Any, **kwargs: Any
+        ) -> Any:
+            data = kwargs.get("data")
+            if not isinstance(data, io.IOBase):
+                return await original(self, method, str_or_url, **kwargs)
+            state = _begin_scope(data)
+            try:
+                return await original(self, method, str_or_url, **kwargs)
+            finally:
+                _end_scope(data, state, close)
+
+        return _request
+
+    return build
+
+
+def build_rewind(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``ClientRequest.update_body_from_data`` rewinding a resent file body."""
+
+    def update_body_from_data(self: Any, body: Any, *args: Any, **kwargs: Any) -> None:
+        # 3.12.14+ hands a redirect the payload of the first attempt.
+        f = getattr(body, "_value", None) if not isinstance(body, io.IOBase) else body
+        if isinstance(f, io.IOBase):
+            state = _STATES.get(f)
+            if state is not None and state.scopes:
+                _rewind(f, state)
+        original(self, body, *args, **kwargs)
+
+    return update_body_from_data
