@@ -25,7 +25,9 @@ import io
 import logging
 import threading
 import weakref
-from typing import Any, Callable, Optional, Set
+from typing import Any, Callable, Optional, Set, TypeVar
+
+T = TypeVar("T")
 
 __all__ = (
     "FileBodyError",
@@ -34,8 +36,12 @@ __all__ = (
     "build_request_scope",
     "build_rewind",
     "close_soon",
+    "existing_state",
+    "guarded",
+    "payload_generation",
     "read_current",
     "state_of",
+    "tell",
 )
 
 _LOG = logging.getLogger("aiohttp_payloadfix")
@@ -91,6 +97,15 @@ def existing_state(f: Any) -> Optional[FileState]:
     return _STATES.get(f)
 
 
+#: For payloads that read the file themselves (3.12): the generation they
+#: belong to, taken at their first read or when a redirect reuses them.
+_PAYLOAD_GENERATION: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+
+
+def payload_generation(pl: Any, state: FileState) -> int:
+    return _PAYLOAD_GENERATION.setdefault(pl, state.generation)
+
+
 def tell(f: Any) -> Optional[int]:
     """The position of a seekable file, or None."""
     try:
@@ -122,12 +137,17 @@ def close_soon(f: Any) -> None:
     fut.add_done_callback(_log_close_error)
 
 
-def read_current(f: Any, state: FileState, generation: int, size: int) -> Any:
-    """``f.read(size)`` for the attempt of ``generation``, in an executor."""
+def guarded(state: FileState, generation: int, call: Callable[[], T]) -> T:
+    """Run a read for the attempt of ``generation``; refuse a superseded one."""
     with state.lock:
         if state.generation != generation:
             raise Superseded
-        return f.read(size)
+        return call()
+
+
+def read_current(f: Any, state: FileState, generation: int, size: int) -> Any:
+    """``f.read(size)`` for the attempt of ``generation``, in an executor."""
+    return guarded(state, generation, lambda: f.read(size))
 
 
 def _begin_scope(f: Any) -> FileState:
@@ -143,9 +163,9 @@ def _begin_scope(f: Any) -> FileState:
     return state
 
 
-def _end_scope(f: Any, state: FileState, close: bool) -> None:
+def _end_scope(f: Any, state: FileState) -> None:
     state.scopes -= 1
-    if state.scopes == 0 and state.writers == 0 and (close or state.close_wanted):
+    if state.scopes == 0 and state.writers == 0:
         state.close_wanted = False
         close_soon(f)
 
@@ -171,30 +191,24 @@ def _rewind(f: Any, state: FileState) -> None:
         f.seek(state.start)
 
 
-def build_request_scope(close: bool) -> Callable[[Callable[..., Any]], Any]:
+def build_request_scope(original: Callable[..., Any]) -> Callable[..., Any]:
     """``ClientSession._request`` holding a file ``data`` open for the call.
 
-    With ``close``, the file is closed when the call ends (the 3.9-3.11 write
-    path closes files itself, which this replaces); otherwise only a close
-    that was deferred during the call is carried out.
+    The file is closed when the call ends, whichever way (as 3.12.15 closes
+    the body at the end of the call), or when a write still running then ends.
     """
 
-    def build(original: Callable[..., Any]) -> Callable[..., Any]:
-        async def _request(
-            self: Any, method: str, str_or_url: Any, **kwargs: Any
-        ) -> Any:
-            data = kwargs.get("data")
-            if not isinstance(data, io.IOBase):
-                return await original(self, method, str_or_url, **kwargs)
-            state = _begin_scope(data)
-            try:
-                return await original(self, method, str_or_url, **kwargs)
-            finally:
-                _end_scope(data, state, close)
+    async def _request(self: Any, method: str, str_or_url: Any, **kwargs: Any) -> Any:
+        data = kwargs.get("data")
+        if not isinstance(data, io.IOBase):
+            return await original(self, method, str_or_url, **kwargs)
+        state = _begin_scope(data)
+        try:
+            return await original(self, method, str_or_url, **kwargs)
+        finally:
+            _end_scope(data, state)
 
-        return _request
-
-    return build
+    return _request
 
 
 def build_rewind(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -202,11 +216,13 @@ def build_rewind(original: Callable[..., Any]) -> Callable[..., Any]:
 
     def update_body_from_data(self: Any, body: Any, *args: Any, **kwargs: Any) -> None:
         # 3.12.14+ hands a redirect the payload of the first attempt.
-        f = getattr(body, "_value", None) if not isinstance(body, io.IOBase) else body
+        f = body if isinstance(body, io.IOBase) else getattr(body, "_value", None)
         if isinstance(f, io.IOBase):
             state = _STATES.get(f)
             if state is not None and state.scopes:
                 _rewind(f, state)
+                if f is not body:
+                    _PAYLOAD_GENERATION[body] = state.generation
         original(self, body, *args, **kwargs)
 
     return update_body_from_data

@@ -10,6 +10,7 @@ from . import (
     chunked_file_reads,
     content_length_limit,
     file_payload_reuse,
+    file_resend,
     write_bytes_signature,
 )
 
@@ -21,6 +22,7 @@ FIXES: Tuple[Fix, ...] = (
     cancelled_upload_close.FIX,
     content_length_limit.FIX,
     chunked_file_reads.FIX,
+    file_resend.FIX,
     write_bytes_signature.FIX,
 )
 

@@ -129,7 +129,7 @@ def _patches() -> Sequence[Patch]:
     return (
         Patch(payload.IOBasePayload, "write", _build_write),
         Patch(payload.TextIOPayload, "write", _build_write),
-        Patch(client.ClientSession, "_request", build_request_scope(close=True)),
+        Patch(client.ClientSession, "_request", build_request_scope),
         Patch(client_reqrep.ClientRequest, "update_body_from_data", build_rewind),
     )
 
