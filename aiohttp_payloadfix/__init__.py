@@ -6,16 +6,19 @@ nothing, or to a comma-separated list of fix ids to skip those.
 """
 
 from ._api import FixStatus, Status, apply, is_applied, revert, status
+from ._contract import ContentLengthError, configure
 from ._filebody import FileBodyError
 from ._ledger import PayloadFixWarning
 
 __all__ = (
+    "ContentLengthError",
     "FileBodyError",
     "FixStatus",
     "PayloadFixWarning",
     "Status",
     "__version__",
     "apply",
+    "configure",
     "is_applied",
     "revert",
     "status",

@@ -8,9 +8,12 @@ from .._fix import Fix
 from . import (
     cancelled_upload_close,
     chunked_file_reads,
+    computed_lengths,
     content_length_limit,
     file_payload_reuse,
     file_resend,
+    overlong_body_warning,
+    short_body_error,
     write_bytes_signature,
 )
 
@@ -24,6 +27,9 @@ FIXES: Tuple[Fix, ...] = (
     chunked_file_reads.FIX,
     file_resend.FIX,
     write_bytes_signature.FIX,
+    short_body_error.FIX,
+    overlong_body_warning.FIX,
+    computed_lengths.FIX,
 )
 
 

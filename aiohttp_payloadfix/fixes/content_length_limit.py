@@ -30,15 +30,16 @@ Chunked requests (no Content-Length) are not touched.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Awaitable, Callable, List, Optional, Sequence
 
 from aiohttp import client_reqrep, hdrs, payload
 from aiohttp.http_writer import StreamWriter
 
+from .._contract import overlong_policy
 from .._fix import Fix
-from .._ledger import Patch
+from .._ledger import LEDGER, Patch
 
-__all__ = ("FIX", "declared_length")
+__all__ = ("FIX", "declared_length", "forwarder", "open_length", "writer_declared")
 
 
 def _validate(values: List[str]) -> None:
@@ -76,7 +77,7 @@ def declared_length(request: Any) -> Optional[int]:
     return int(value)
 
 
-def _nbytes(chunk: Any) -> int:
+def nbytes(chunk: Any) -> int:
     return chunk.nbytes if isinstance(chunk, memoryview) else len(chunk)
 
 
@@ -90,20 +91,34 @@ def _build_update_headers(original: Callable[..., Any]) -> Callable[..., Any]:
     return update_headers
 
 
+def forwarder(original: Callable[..., Any]) -> Callable[..., Awaitable[None]]:
+    """Call ``original`` write_bytes with the arguments its release takes."""
+    if len(inspect.signature(original).parameters) > 3:
+        return original
+
+    def forward(self: Any, writer: Any, conn: Any, _length: Any = None) -> Any:
+        return original(self, writer, conn)
+
+    return forward
+
+
+def writer_declared(request: Any, writer: Any) -> Optional[int]:
+    """The declared length, when ``writer`` is the request's own StreamWriter."""
+    if not isinstance(writer, StreamWriter):
+        return None
+    return declared_length(request)
+
+
 def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
-    takes_length = len(inspect.signature(original).parameters) > 3
+    forward = forwarder(original)
 
     async def write_bytes(
         self: Any, writer: Any, conn: Any, content_length: Optional[int] = None
     ) -> None:
-        length = declared_length(self)
-        if length is not None and isinstance(writer, StreamWriter):
-            if writer.length is None:
-                writer.length = length
-        if takes_length:
-            await original(self, writer, conn, content_length)
-        else:
-            await original(self, writer, conn)
+        length = writer_declared(self, writer)
+        if length is not None and writer.length is None:
+            writer.length = length
+        await forward(self, writer, conn, content_length)
 
     return write_bytes
 
@@ -127,13 +142,23 @@ def _build_aiter_write(original: Callable[..., Any]) -> Callable[..., Any]:
                     chunk = await iterator.__anext__()
                 except StopAsyncIteration:
                     return
-                size = _nbytes(chunk)
+                size = nbytes(chunk)
                 if size > limit:
                     chunk = memoryview(chunk).cast("B")[:limit]
                     size = limit
                 limit -= size
                 await writer.write(chunk)
-            # The declared length is reached: stop pulling, let it clean up.
+            # The declared length is reached. Only to tell an over-long body
+            # from an exact one (overlong-body-warning) is one more chunk
+            # pulled; it is offered to the writer, which drops it.
+            if LEDGER.is_applied("overlong-body-warning"):
+                if overlong_policy() != "truncate":
+                    try:
+                        extra = await iterator.__anext__()
+                    except StopAsyncIteration:
+                        return
+                    await writer.write(extra)
+            # Stop pulling, let it clean up.
             aclose = getattr(iterator, "aclose", None)
             if aclose is not None:
                 await aclose()

@@ -1,0 +1,130 @@
+"""overlong-body-warning: a body longer than its Content-Length is never cut
+silently.
+
+Upstream: none; no aiohttp release has this (beyond upstream).
+
+Affected: every release: before 3.12 the extra bytes go onto the wire, 3.12+
+(and content-length-limit here) cut them silently, hiding the logic bug that
+produced the wrong length.
+
+Remedy (a wrapper of ``ClientRequest.write_bytes``), by the policy of
+``aiohttp_payloadfix.configure(overlong=...)`` or ``AIOHTTP_PAYLOADFIX_OVERLONG``:
+
+* ``warn`` (default): the declared bytes are sent and one WARNING is logged on
+  the ``aiohttp_payloadfix`` logger, naming the method and URL (no query, no
+  credentials), the declared and the available size;
+* ``truncate``: the declared bytes are sent, nothing is logged;
+* ``error``: :class:`ContentLengthError` before any body byte is written when
+  the size is known; otherwise the body stops at the limit, the request fails
+  and the connection is discarded.
+
+Where the size is not known before sending, the writes of the body are counted
+on the request's writer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+from aiohttp import client_reqrep
+
+from .._contract import (
+    LOG,
+    ContentLengthError,
+    body_of,
+    body_size,
+    fail,
+    kind,
+    overlong_policy,
+    where,
+)
+from .._fix import Fix
+from .._ledger import Patch
+from .content_length_limit import forwarder, nbytes, writer_declared
+
+__all__ = ("FIX",)
+
+
+def _message(request: Any, declared: int, available: str, body: Any) -> str:
+    return (
+        f"request body for {where(request)} is longer than its Content-Length:"
+        f" declared {declared} bytes, {available} available ({kind(body)})"
+    )
+
+
+def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
+    forward = forwarder(original)
+
+    async def write_bytes(
+        self: Any, writer: Any, conn: Any, content_length: Optional[int] = None
+    ) -> None:
+        declared = writer_declared(self, writer)
+        policy = overlong_policy() if declared is not None else "truncate"
+        if declared is None or policy == "truncate":
+            await forward(self, writer, conn, content_length)
+            return
+        body = body_of(self)
+        size = body_size(body)
+        if size is not None:
+            if size > declared:
+                message = _message(self, declared, str(size), body)
+                if policy == "error":
+                    fail(conn, ContentLengthError(message + "; no body byte was sent"))
+                    return
+                LOG.warning("%s; sent the declared bytes", message)
+            await forward(self, writer, conn, content_length)
+            return
+
+        # Size unknown before sending: count what the body offers.
+        write = writer.write
+        offered = 0
+
+        async def counting_write(chunk: Any, *args: Any, **kwargs: Any) -> None:
+            nonlocal offered
+            before = offered
+            offered += nbytes(chunk)
+            if offered > declared and before <= declared and policy == "warn":
+                LOG.warning(
+                    "%s; sent the declared bytes",
+                    _message(self, declared, f"at least {offered}", body),
+                )
+            if before < declared:
+                await write(chunk, *args, **kwargs)
+
+        writer.write = counting_write
+        try:
+            await forward(self, writer, conn, content_length)
+        finally:
+            del writer.write
+        protocol = conn.protocol
+        if policy == "error" and offered > declared and protocol is not None:
+            if getattr(protocol, "exception", lambda: None)() is None:
+                fail(
+                    conn,
+                    ContentLengthError(
+                        _message(self, declared, f"at least {offered}", body)
+                        + "; stopped at the declared length"
+                    ),
+                )
+
+    return write_bytes
+
+
+def _probe() -> Optional[str]:
+    return "no release reports a body longer than its Content-Length"
+
+
+def _patches() -> Sequence[Patch]:
+    return (Patch(client_reqrep.ClientRequest, "write_bytes", _build_write_bytes),)
+
+
+FIX = Fix(
+    id="overlong-body-warning",
+    upstream="beyond upstream (no aiohttp release)",
+    summary="a body longer than its Content-Length is logged or refused, not cut",
+    affected=((3, 9, 0), None),
+    probe=_probe,
+    patches=_patches,
+    # It reads what the limit left open on the writer.
+    requires=("content-length-limit",),
+)
