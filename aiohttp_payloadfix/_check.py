@@ -198,6 +198,78 @@ async def _old_signature(server: _Server) -> Outcome:
     return Outcome("works", got == b"hello")
 
 
+_HANG = 2.0  # seconds: a client that waits this long would wait for good
+
+
+async def _short_body(server: _Server) -> Outcome:
+    from ._contract import ContentLengthError
+
+    timeout = aiohttp.ClientTimeout(total=_HANG)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        try:
+            async with session.post(
+                server.url + "/upload", data=b"abc", headers={"Content-Length": "10"}
+            ) as resp:
+                await resp.read()
+        except ContentLengthError:
+            return Outcome("ContentLengthError", True)
+        except asyncio.TimeoutError:
+            return Outcome("hangs", False)
+    return Outcome(f"answered {resp.status}", False)
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += 1
+
+
+async def _overlong(server: _Server) -> Outcome:
+    records = _Records()
+    logger = logging.getLogger("aiohttp_payloadfix")
+    logger.addHandler(records)
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(
+                server.url + "/upload",
+                data=b"0123456789",
+                headers={"Content-Length": "5"},
+            ) as resp:
+                await resp.read()
+    finally:
+        logger.removeHandler(records)
+    body = server.received[0][2] if server.received else b""
+    if len(server.received) > 1 or body != b"01234":
+        return Outcome("extra bytes on the wire", False)
+    if not records.count:
+        return Outcome("cut silently", False)
+    return Outcome(f"5 bytes sent, {records.count} warning", records.count == 1)
+
+
+async def _crlf_text(server: _Server) -> Outcome:
+    text = "d\xe9j\xe0 vu\r\n" * 1000
+    timeout = aiohttp.ClientTimeout(total=_HANG)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "body.txt")
+        with open(path, "w", encoding="latin-1", newline="") as f:
+            f.write(text)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            try:
+                with open(path, encoding="latin-1") as f:
+                    async with session.post(server.url + "/upload", data=f) as resp:
+                        await resp.read()
+            except asyncio.TimeoutError:
+                return Outcome("hangs", False)
+    expected = text.replace("\r\n", "\n").encode("utf-8")
+    got = server.received[-1][2] if server.received else b""
+    if got == expected:
+        return Outcome("exact text", True)
+    return Outcome(f"server got {len(got)} of {len(expected)} bytes", False)
+
+
 SCENARIOS: Tuple[Scenario, ...] = (
     Scenario("seed: BytesIO(), Content-Length: 0", "file-payload-reuse", _seed),
     Scenario("20 POSTs of BytesIO(1 KiB)", "file-payload-reuse", _bytesio_reuse),
@@ -216,6 +288,11 @@ SCENARIOS: Tuple[Scenario, ...] = (
         "write-bytes-signature",
         _old_signature,
     ),
+    Scenario("body shorter than Content-Length", "short-body-error", _short_body),
+    Scenario(
+        "body longer than Content-Length, logged", "overlong-body-warning", _overlong
+    ),
+    Scenario("text file, CRLF newlines", "computed-lengths", _crlf_text),
 )
 
 
