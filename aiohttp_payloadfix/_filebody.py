@@ -198,10 +198,16 @@ def build_request_scope(original: Callable[..., Any]) -> Callable[..., Any]:
     the body at the end of the call), or when a write still running then ends.
     """
 
-    async def _request(self: Any, method: str, str_or_url: Any, **kwargs: Any) -> Any:
+    # A plain function on the fast path: no extra coroutine for other bodies.
+    def _request(self: Any, method: str, str_or_url: Any, **kwargs: Any) -> Any:
         data = kwargs.get("data")
         if not isinstance(data, io.IOBase):
-            return await original(self, method, str_or_url, **kwargs)
+            return original(self, method, str_or_url, **kwargs)
+        return _scoped(self, method, str_or_url, data, kwargs)
+
+    async def _scoped(
+        self: Any, method: str, str_or_url: Any, data: Any, kwargs: Any
+    ) -> Any:
         state = _begin_scope(data)
         try:
             return await original(self, method, str_or_url, **kwargs)

@@ -112,13 +112,15 @@ def writer_declared(request: Any, writer: Any) -> Optional[int]:
 def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
     forward = forwarder(original)
 
-    async def write_bytes(
+    # A plain function returning the original's coroutine: no extra frame on
+    # the write path of every request.
+    def write_bytes(
         self: Any, writer: Any, conn: Any, content_length: Optional[int] = None
-    ) -> None:
+    ) -> Awaitable[None]:
         length = writer_declared(self, writer)
         if length is not None and writer.length is None:
             writer.length = length
-        await forward(self, writer, conn, content_length)
+        return forward(self, writer, conn, content_length)
 
     return write_bytes
 

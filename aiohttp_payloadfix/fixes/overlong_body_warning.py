@@ -24,7 +24,7 @@ on the request's writer.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Awaitable, Callable, Optional, Sequence
 
 from aiohttp import client_reqrep
 
@@ -52,29 +52,44 @@ def _message(request: Any, declared: int, available: str, body: Any) -> str:
     )
 
 
+async def _nothing() -> None:
+    return None
+
+
 def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
     forward = forwarder(original)
 
-    async def write_bytes(
+    # A plain function: the common cases return the original's coroutine.
+    def write_bytes(
         self: Any, writer: Any, conn: Any, content_length: Optional[int] = None
-    ) -> None:
+    ) -> Awaitable[None]:
         declared = writer_declared(self, writer)
-        policy = overlong_policy() if declared is not None else "truncate"
-        if declared is None or policy == "truncate":
-            await forward(self, writer, conn, content_length)
-            return
+        if declared is None:
+            return forward(self, writer, conn, content_length)
+        policy = overlong_policy()
+        if policy == "truncate":
+            return forward(self, writer, conn, content_length)
         body = body_of(self)
         size = body_size(body)
-        if size is not None:
-            if size > declared:
-                message = _message(self, declared, str(size), body)
-                if policy == "error":
-                    fail(conn, ContentLengthError(message + "; no body byte was sent"))
-                    return
-                LOG.warning("%s; sent the declared bytes", message)
-            await forward(self, writer, conn, content_length)
-            return
+        if size is None:
+            return counted(self, writer, conn, content_length, declared, body, policy)
+        if size > declared:
+            message = _message(self, declared, str(size), body)
+            if policy == "error":
+                fail(conn, ContentLengthError(message + "; no body byte was sent"))
+                return _nothing()
+            LOG.warning("%s; sent the declared bytes", message)
+        return forward(self, writer, conn, content_length)
 
+    async def counted(
+        self: Any,
+        writer: Any,
+        conn: Any,
+        content_length: Optional[int],
+        declared: int,
+        body: Any,
+        policy: str,
+    ) -> None:
         # Size unknown before sending: count what the body offers.
         write = writer.write
         offered = 0

@@ -23,9 +23,9 @@ the caller: the end of that response stops the write first.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Awaitable, Callable, Optional, Sequence
 
-from aiohttp import client_reqrep
+from aiohttp import client_reqrep, payload
 
 from .._contract import ContentLengthError, body_of, body_size, fail, kind, where
 from .._fix import Fix
@@ -35,16 +35,20 @@ from .content_length_limit import forwarder, writer_declared
 __all__ = ("FIX",)
 
 
+async def _nothing() -> None:
+    return None
+
+
 def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
     forward = forwarder(original)
 
-    async def write_bytes(
+    # A plain function: the common cases return the original's coroutine.
+    def write_bytes(
         self: Any, writer: Any, conn: Any, content_length: Optional[int] = None
-    ) -> None:
+    ) -> Awaitable[None]:
         declared = writer_declared(self, writer)
         if declared is None:
-            await forward(self, writer, conn, content_length)
-            return
+            return forward(self, writer, conn, content_length)
         body = body_of(self)
         size = body_size(body)
         if size is not None and size < declared:
@@ -56,7 +60,20 @@ def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
                     f" has {size}; no body byte was sent"
                 ),
             )
-            return
+            return _nothing()
+        if size is not None and isinstance(body, payload.BytesPayload):
+            # In memory, and at least as long as declared: cannot end short.
+            return forward(self, writer, conn, content_length)
+        return checked(self, writer, conn, content_length, declared, body)
+
+    async def checked(
+        self: Any,
+        writer: Any,
+        conn: Any,
+        content_length: Optional[int],
+        declared: int,
+        body: Any,
+    ) -> None:
         await forward(self, writer, conn, content_length)
         remaining = writer.length
         protocol = conn.protocol
