@@ -11,7 +11,7 @@ from typing import Any, Dict, FrozenSet, Iterable, Optional, Set, Tuple
 
 import aiohttp
 
-from ._fix import AIOHTTP_VERSION, Fix
+from ._fix import AIOHTTP_VERSION, Fix, NotNeeded
 from ._ledger import LEDGER, PayloadFixWarning
 from .fixes import FIXES, by_id
 
@@ -117,6 +117,8 @@ def _need(fix: Fix) -> Tuple[bool, str]:
             f"probe:{fix.id}", f"cannot tell whether {fix.id!r} is needed: {exc!r}"
         )
         return False, _failed[fix.id]
+    if isinstance(why, NotNeeded):
+        return False, str(why)
     in_range = fix.in_range()
     if why is None:
         note = " (although the release is in the affected range)" if in_range else ""

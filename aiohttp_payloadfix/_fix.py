@@ -10,7 +10,7 @@ import aiohttp
 
 from ._ledger import Patch
 
-__all__ = ("AIOHTTP_VERSION", "Fix", "Version", "parse_version")
+__all__ = ("AIOHTTP_VERSION", "Fix", "NotNeeded", "Version", "parse_version")
 
 Version = Tuple[int, int, int]
 
@@ -24,6 +24,10 @@ def parse_version(text: str) -> Version:
 
 
 AIOHTTP_VERSION: Version = parse_version(aiohttp.__version__)
+
+
+class NotNeeded(str):
+    """What a probe returns to say "not needed here" with a reason of its own."""
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from .._filebody import (
     guarded,
     payload_generation,
 )
-from .._fix import Fix
+from .._fix import Fix, NotNeeded
 from .._ledger import Patch
 
 __all__ = ("FIX",)
@@ -76,7 +76,7 @@ def _build_schedule_close(original: Callable[..., Any]) -> Callable[..., Any]:
 
 def _probe() -> Optional[str]:
     if "write_with_length" not in vars(payload.IOBasePayload):
-        return None  # the 3.9-3.11 write path: file-payload-reuse covers it
+        return NotNeeded("on the 3.9-3.11 write path file-payload-reuse does this")
     return (
         "a retried request is rebuilt from the file where the first attempt left"
         " it: an empty or truncated body"
