@@ -148,24 +148,57 @@ def apply(fixes: Optional[Iterable[str]] = None) -> Tuple[str, ...]:
                 " nothing was patched",
             )
             return LEDGER.applied()
-        for fix in chosen:
-            needed, _why = _need(fix)
-            if not needed or LEDGER.is_applied(fix.id):
+        chosen_ids = {f.id for f in chosen}
+        want = set(LEDGER.applied())
+        for fix in FIXES:
+            if fix.id in want or not _need(fix)[0]:
                 continue
-            missing = [r for r in fix.requires if not _active_or_unneeded(r)]
+            # Asked for, or held back earlier only for want of a requirement.
+            if fix.id not in chosen_ids and fix.id not in _blocked:
+                continue
+            missing = [r for r in fix.requires if r not in want and _need(by_id(r))[0]]
             if missing:
                 _blocked[fix.id] = f"needs {', '.join(missing)}, which is not active"
                 continue
-            _blocked.pop(fix.id, None)
-            try:
-                LEDGER.apply(fix.id, fix.patches())
-            except Exception as exc:
-                _failed[fix.id] = repr(exc)
-                _warn_once(f"failed:{fix.id}", f"fix {fix.id!r} not applied: {exc!r}")
-            else:
-                _failed.pop(fix.id, None)
-                _reverted.discard(fix.id)
+            want.add(fix.id)
+        _install(want)
         return LEDGER.applied()
+
+
+def _position(fix_id: str) -> int:
+    return next(i for i, f in enumerate(FIXES) if f.id == fix_id)
+
+
+def _install(want: Set[str]) -> None:
+    """Make the applied fixes ``want``, stacked in the order of FIXES.
+
+    Fixes that patch the same attribute stack (write_bytes: one replaces it
+    whole, the others wrap it), so a fix is never put under or over another
+    out of that order: the later ones come off first and go back on after.
+    """
+    new = want - set(LEDGER.applied())
+    if not new:
+        return
+    first = min(_position(i) for i in new)
+    for fix_id in reversed(LEDGER.applied()):
+        if _position(fix_id) > first:
+            LEDGER.revert(fix_id)
+    for fix in FIXES[first:]:
+        if fix.id not in want or LEDGER.is_applied(fix.id):
+            continue
+        missing = [r for r in fix.requires if not _active_or_unneeded(r)]
+        if missing:
+            _blocked[fix.id] = f"needs {', '.join(missing)}, which is not active"
+            continue
+        _blocked.pop(fix.id, None)
+        try:
+            LEDGER.apply(fix.id, fix.patches())
+        except Exception as exc:
+            _failed[fix.id] = repr(exc)
+            _warn_once(f"failed:{fix.id}", f"fix {fix.id!r} not applied: {exc!r}")
+        else:
+            _failed.pop(fix.id, None)
+            _reverted.discard(fix.id)
 
 
 def revert(fixes: Optional[Iterable[str]] = None) -> Tuple[str, ...]:
@@ -175,19 +208,17 @@ def revert(fixes: Optional[Iterable[str]] = None) -> Tuple[str, ...]:
             done = LEDGER.revert_all()
         else:
             ids = {by_id(i).id for i in fixes}
-            order = LEDGER.applied()
-            hits = [order.index(i) for i in ids if i in order]
-            if not hits:
+            applied = LEDGER.applied()
+            done = tuple(i for i in reversed(applied) if i in ids)
+            if not done:
                 return ()
-            # Fixes applied later may wrap the same attributes: take them off
-            # too, then put the ones not asked for back on top.
-            tail = order[min(hits) :]
-            for fix_id in reversed(tail):
-                LEDGER.revert(fix_id)
-            for fix_id in tail:
-                if fix_id not in ids:
-                    LEDGER.apply(fix_id, by_id(fix_id).patches())
-            done = tuple(i for i in reversed(tail) if i in ids)
+            # Later fixes may wrap the same attributes: they come off too and
+            # go back on (unless they need what was reverted).
+            first = min(_position(i) for i in done)
+            for fix_id in reversed(applied):
+                if _position(fix_id) >= first:
+                    LEDGER.revert(fix_id)
+            _install(set(applied) - ids)
         _reverted.update(done)
         return done
 

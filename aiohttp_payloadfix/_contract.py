@@ -53,6 +53,18 @@ def configure(*, overlong: Optional[str] = None) -> None:
         _policy = overlong
 
 
+def _swap_policy(policy: Optional[str]) -> Optional[str]:
+    """Put ``policy`` in place of what :func:`configure` set and return what
+    was there; ``None`` means nothing was configured (the environment or the
+    default decides). For tests, which must leave the process as they found it:
+    ``configure()`` alone cannot go back to "not configured"."""
+    global _policy
+    if policy is not None and policy not in OVERLONG_POLICIES:
+        raise ValueError(f"unknown overlong policy {policy!r}")
+    previous, _policy = _policy, policy
+    return previous
+
+
 def overlong_policy() -> str:
     if _policy is not None:
         return _policy
