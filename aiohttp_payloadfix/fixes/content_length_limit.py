@@ -146,7 +146,9 @@ def _build_aiter_write(original: Callable[..., Any]) -> Callable[..., Any]:
                     return
                 size = nbytes(chunk)
                 if size > limit:
-                    chunk = memoryview(chunk).cast("B")[:limit]
+                    if open_length(writer) is None:
+                        chunk = memoryview(chunk).cast("B")[:limit]
+                    # else the writer drops the excess (and it can be reported)
                     size = limit
                 limit -= size
                 await writer.write(chunk)
