@@ -172,6 +172,7 @@ def switched(fix_id: str, applied: bool) -> Iterator[FixState]:
     installed = _installed()
     reverted_before = set(_api._reverted)
     failed_before = dict(_api._failed)
+    blocked_before = dict(_api._blocked)
     order = [i for i, _ in installed]
     try:
         if applied and fix_id not in order:
@@ -193,6 +194,9 @@ def switched(fix_id: str, applied: bool) -> Iterator[FixState]:
         _api._reverted.update(reverted_before)
         _api._failed.clear()
         _api._failed.update(failed_before)
+        # Reverting a fix holds back those that require it (apply() notes why).
+        _api._blocked.clear()
+        _api._blocked.update(blocked_before)
 
 
 @pytest.fixture

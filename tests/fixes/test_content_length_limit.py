@@ -7,6 +7,11 @@ FormData, ``@aiohttp.streamer``, third-party payloads and multi-byte
 memoryviews still overrun in 3.12.15). Checked on the wire with the strict raw
 server of conftest: test bodies carry ``GET /smuggled`` request lines right
 after the declared length.
+
+The limit is tested on its own: the over-long policy is "truncate" here (what
+overlong-body-warning adds is tested in its own module), and a body shorter
+than its Content-Length, which short-body-error fails at once, is checked for
+what the limit must guarantee either way.
 """
 
 from __future__ import annotations
@@ -41,7 +46,18 @@ from aiohttp.abc import AbstractStreamWriter
 from aiohttp.base_protocol import BaseProtocol
 from conftest import FixState, MemoryWriter, RawHTTPServer, RawRequest, Reply
 
+import aiohttp_payloadfix
+from aiohttp_payloadfix import ContentLengthError
 from aiohttp_payloadfix._fix import AIOHTTP_VERSION
+from aiohttp_payloadfix.fixes import FIXES
+
+from .contract_support import (
+    captured_log,
+    fails_short,
+    names_sent,
+    overlong_policy,
+    reports_overlong,
+)
 
 FIX_ID = "content-length-limit"
 SIZES = (0, 1, 65535, 65536, 65537, 300_000)
@@ -56,6 +72,13 @@ SAFETY = aiohttp.ClientTimeout(total=60)
 @pytest.fixture
 def fix_id() -> str:
     return FIX_ID
+
+
+@pytest.fixture(autouse=True)
+def _limit_alone() -> Iterator[None]:
+    """Over-long bodies are cut quietly: the limit, not its report."""
+    with overlong_policy("truncate"):
+        yield
 
 
 def repeat(pattern: bytes, size: int) -> bytes:
@@ -317,7 +340,11 @@ def ctx(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Ctx]:
 class Sent:
     body: Body
     declared: Optional[int]
-    request: RawRequest
+    #: None: the request failed before its head reached the server (3.12+
+    #: sends the head with the first body byte).
+    request: Optional[RawRequest]
+    #: The ContentLengthError of a short body (short-body-error applied).
+    error: Optional[ContentLengthError] = None
 
 
 async def send(
@@ -328,20 +355,36 @@ async def send(
     body = await kind.make(body_bytes(size, cut), ctx)
     declared = declared_for(mode, len(body.wire))
     headers = {} if declared is None else {"Content-Length": str(declared)}
-    if mode == "larger":
-        # The client never sends the declared length (making it do something
-        # better than wait is not this fix's business): the server answers once
-        # the body has arrived, and closes.
+    short = mode == "larger" and fails_short()
+    if mode == "larger" and not short:
+        # The client never sends the declared length and, as released, waits:
+        # the server answers once the body has arrived, and closes.
         server.routes["/upload"] = Reply(answer_after=len(body.wire), close=True)
+    error: Optional[ContentLengthError] = None
     async with aiohttp.ClientSession(timeout=SAFETY, **body.session) as session:
-        async with session.post(
-            server.url("/upload"), headers=headers, **body.request
-        ) as resp:
-            assert resp.status == 200
-            await resp.read()
+        if short:
+            # The server waits for the rest of the body and never answers:
+            # only the client giving up at once passes.
+            with pytest.raises(ContentLengthError) as info:
+                async with session.post(
+                    server.url("/upload"), headers=headers, **body.request
+                ):
+                    pass  # pragma: no cover
+            error = info.value
+            # The half-sent connection is not reused.
+            async with session.post(server.url("/next"), data=b"next") as resp:
+                assert resp.status == 200
+        else:
+            async with session.post(
+                server.url("/upload"), headers=headers, **body.request
+            ) as resp:
+                assert resp.status == 200
+                await resp.read()
     await server.settle()
-    assert server.requests, "nothing reached the server"
-    return Sent(body, declared, server.requests[0])
+    uploads = [r for r in server.requests if r.target == "/upload"]
+    assert len(uploads) <= 1
+    assert uploads or short, "nothing reached the server"
+    return Sent(body, declared, uploads[0] if uploads else None, error)
 
 
 def case_params() -> Iterator[Any]:
@@ -364,9 +407,25 @@ async def test_wire_carries_at_most_the_declared_length(
 ) -> None:
     sent = await send(kind, size, mode, raw_server, ctx)
     raw_server.assert_clean()
+    wire = sent.body.wire
+    if sent.error is not None:
+        # short-body-error: at most the body, never completed, and the next
+        # request on a new connection.
+        message = str(sent.error)
+        assert f"declared {sent.declared} bytes" in message
+        assert names_sent(message, len(wire)), message
+        first, second = raw_server.connections
+        assert [(r.target, r.complete) for r in first.requests] in (
+            [],
+            [("/upload", False)],
+        )
+        assert wire.startswith(b"".join(r.body for r in first.requests))
+        assert [(r.target, r.body) for r in second.requests] == [("/next", b"next")]
+        if sent.body.pulls is not None:
+            assert sent.body.pulls.closed
+        return
     assert len(raw_server.connections) == 1
     [request] = raw_server.requests
-    wire = sent.body.wire
     if sent.declared is None:
         assert request.body == wire
         assert request.complete
@@ -385,23 +444,33 @@ async def test_wire_carries_at_most_the_declared_length(
             assert pulls.pulled == math.ceil(sent.declared / CHUNK)
 
 
+@pytest.mark.parametrize("policy", ["truncate", "warn"])
 @pytest.mark.parametrize("declared", [0, 1, CHUNK, CHUNK + 1, 3 * CHUNK])
 async def test_generator_stops_at_the_limit(
-    declared: int, fixed: FixState, raw_server: RawHTTPServer
+    declared: int, policy: str, fixed: FixState, raw_server: RawHTTPServer
 ) -> None:
     pulls = Pulls(body_bytes(65537, declared))
-    async with aiohttp.ClientSession(timeout=SAFETY) as session:
-        async with session.post(
-            raw_server.url("/upload"),
-            data=pulls.generator,
-            headers={"Content-Length": str(declared)},
-        ) as resp:
-            assert resp.status == 200
+    with overlong_policy(policy), captured_log() as log:
+        async with aiohttp.ClientSession(timeout=SAFETY) as session:
+            async with session.post(
+                raw_server.url("/upload"),
+                data=pulls.generator,
+                headers={"Content-Length": str(declared)},
+            ) as resp:
+                assert resp.status == 200
     await raw_server.settle()
     raw_server.assert_clean()
     assert [r.body for r in raw_server.requests] == [pulls.data[:declared]]
     assert pulls.closed
-    assert pulls.pulled == math.ceil(declared / CHUNK) < pulls.total
+    needed = math.ceil(declared / CHUNK)
+    if policy == "truncate" or not reports_overlong():
+        assert pulls.pulled == needed < pulls.total
+        assert log.messages == []
+    else:
+        # Telling an over-long generator from an exact one takes one more
+        # chunk, offered to the writer (which drops it); then it is closed.
+        assert pulls.pulled == needed + 1 < pulls.total
+        assert [r.levelname for r in log.records] == ["WARNING"]
 
 
 @pytest.mark.parametrize("kind", KINDS, ids=[k.name for k in KINDS])
@@ -413,6 +482,15 @@ async def test_overrun_bug_reproduces(
         assert raw_server.stray or raw_server.failures
     else:
         raw_server.assert_clean()
+
+
+def test_reverting_the_limit_holds_back_what_requires_it(unfixed: FixState) -> None:
+    """short-body-error and overlong-body-warning read what the limit leaves
+    open on the writer: without it they must not be active (the bug tests of
+    this module then see aiohttp as released)."""
+    dependents = [f.id for f in FIXES if FIX_ID in f.requires]
+    assert dependents
+    assert [i for i in dependents if aiohttp_payloadfix.is_applied(i)] == []
 
 
 async def test_smuggled_request_bug_reproduces(
@@ -453,22 +531,27 @@ async def test_generator_drained_bug_reproduces(
 
 
 @pytest.mark.xfail(
-    AIOHTTP_VERSION < (3, 9, 5),
+    AIOHTTP_VERSION < (3, 9, 5) and not fails_short(),
     reason="aiohttp 3.9.0 itself puts the connection back after a total timeout"
-    " (3.9.5 does not); short-body-error will close it",
+    " (3.9.5 does not); short-body-error closes it",
     strict=False,
 )
 async def test_short_body_is_not_reused(
     fixed: FixState, raw_server: RawHTTPServer
 ) -> None:
     """Content-Length larger than the body against a server that waits for
-    the rest: the request cannot complete (a later fix reports it early);
-    whatever the client does, the half-sent connection is not reused and no
-    other request lands on it."""
-    async with aiohttp.ClientSession(
-        timeout=aiohttp.ClientTimeout(total=0.5)
-    ) as session:
-        with pytest.raises((asyncio.TimeoutError, aiohttp.ClientError, ValueError)):
+    the rest: the request cannot complete (short-body-error fails it at once,
+    before any body byte; as released it times out); whatever the client does,
+    the half-sent connection is not reused and no other request lands on it."""
+    short = fails_short()
+    timeout = SAFETY if short else aiohttp.ClientTimeout(total=0.5)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        expected: Any = (
+            ContentLengthError
+            if short
+            else (asyncio.TimeoutError, aiohttp.ClientError, ValueError)
+        )
+        with pytest.raises(expected):
             async with session.post(
                 raw_server.url("/upload"),
                 data=b"0123456789",
@@ -480,9 +563,13 @@ async def test_short_body_is_not_reused(
     await raw_server.settle()
     raw_server.assert_clean()
     first, second = raw_server.connections
-    assert [(r.target, r.body, r.complete) for r in first.requests] == [
-        ("/upload", b"0123456789", False)
-    ]
+    uploads = [(r.target, r.body, r.complete) for r in first.requests]
+    if short:
+        # The size is known: not a byte of the body is sent (3.12+ does not
+        # even send the head then).
+        assert uploads in ([], [("/upload", b"", False)])
+    else:
+        assert uploads == [("/upload", b"0123456789", False)]
     assert [(r.target, r.body) for r in second.requests] == [("/next", b"next")]
 
 

@@ -239,7 +239,12 @@ async def test_sequential_posts_bug_reproduces(
     opened: List[IO[Any]],
 ) -> None:
     path, data = body_file(kind.size)
-    await post_sequentially(kind, web_server.url / "upload", path, connections, opened)
+    # computed-lengths sends text files and files of size 0 chunked, which
+    # leaves no response to race with: revert it too, aiohttp as released.
+    with switched("computed-lengths", applied=False):
+        await post_sequentially(
+            kind, web_server.url / "upload", path, connections, opened
+        )
     assert web_server.received == [("POST", "/upload", data)] * REQUESTS
     if closes_connections(unfixed):
         assert connections.created > 1
