@@ -163,9 +163,9 @@ def _begin_scope(f: Any) -> FileState:
     return state
 
 
-def _end_scope(f: Any, state: FileState) -> None:
+def _end_scope(f: Any, state: FileState, close: bool) -> None:
     state.scopes -= 1
-    if state.scopes == 0 and state.writers == 0:
+    if state.scopes == 0 and state.writers == 0 and (close or state.close_wanted):
         state.close_wanted = False
         close_soon(f)
 
@@ -191,30 +191,40 @@ def _rewind(f: Any, state: FileState) -> None:
         f.seek(state.start)
 
 
-def build_request_scope(original: Callable[..., Any]) -> Callable[..., Any]:
+def build_request_scope(
+    close_after_success: bool,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """``ClientSession._request`` holding a file ``data`` open for the call.
 
-    The file is closed when the call ends, whichever way (as 3.12.15 closes
-    the body at the end of the call), or when a write still running then ends.
+    The file is closed when the call ends (or when a write still running then
+    ends). With ``close_after_success`` False (3.12, whose ``_request`` closes
+    the body itself when it returns) only a failed call, or a close deferred
+    during the call, closes it here.
     """
 
-    # A plain function on the fast path: no extra coroutine for other bodies.
-    def _request(self: Any, method: str, str_or_url: Any, **kwargs: Any) -> Any:
-        data = kwargs.get("data")
-        if not isinstance(data, io.IOBase):
-            return original(self, method, str_or_url, **kwargs)
-        return _scoped(self, method, str_or_url, data, kwargs)
+    def build(original: Callable[..., Any]) -> Callable[..., Any]:
+        # A plain function on the fast path: no extra coroutine for other bodies.
+        def _request(self: Any, method: str, str_or_url: Any, **kwargs: Any) -> Any:
+            data = kwargs.get("data")
+            if not isinstance(data, io.IOBase):
+                return original(self, method, str_or_url, **kwargs)
+            return _scoped(self, method, str_or_url, data, kwargs)
 
-    async def _scoped(
-        self: Any, method: str, str_or_url: Any, data: Any, kwargs: Any
-    ) -> Any:
-        state = _begin_scope(data)
-        try:
-            return await original(self, method, str_or_url, **kwargs)
-        finally:
-            _end_scope(data, state)
+        async def _scoped(
+            self: Any, method: str, str_or_url: Any, data: Any, kwargs: Any
+        ) -> Any:
+            state = _begin_scope(data)
+            close = True
+            try:
+                result = await original(self, method, str_or_url, **kwargs)
+                close = close_after_success
+                return result
+            finally:
+                _end_scope(data, state, close)
 
-    return _request
+        return _request
+
+    return build
 
 
 def build_rewind(original: Callable[..., Any]) -> Callable[..., Any]:

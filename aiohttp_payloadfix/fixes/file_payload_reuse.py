@@ -140,7 +140,7 @@ def _patches() -> Sequence[Patch]:
     return (
         Patch(payload.IOBasePayload, "write", _build_write),
         Patch(payload.TextIOPayload, "write", _build_write),
-        Patch(client.ClientSession, "_request", build_request_scope),
+        Patch(client.ClientSession, "_request", build_request_scope(True)),
         Patch(client_reqrep.ClientRequest, "update_body_from_data", build_rewind),
     )
 

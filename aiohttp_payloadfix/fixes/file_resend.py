@@ -85,7 +85,7 @@ def _probe() -> Optional[str]:
 
 def _patches() -> Sequence[Patch]:
     patches: List[Patch] = [
-        Patch(client.ClientSession, "_request", build_request_scope),
+        Patch(client.ClientSession, "_request", build_request_scope(False)),
         Patch(client_reqrep.ClientRequest, "update_body_from_data", build_rewind),
     ]
     for cls in (payload.IOBasePayload, payload.TextIOPayload):

@@ -13,11 +13,10 @@ Symptom: ``TypeError: write_bytes() missing 1 required positional argument:
 conn)`` (3.12.0-3.12.14), and ``write_bytes() takes 3 positional arguments but
 4 were given`` for a 3.11-style override (3.12.0 and newer).
 
-Remedy: ``ClientRequest.write_bytes`` takes ``content_length=None``, and
-``ClientRequest.send`` calls an override that takes two arguments with two.
-The declared length is still enforced (the request's writer carries it when
-content-length-limit is active, and aiohttp's own write_bytes reads it from
-the headers otherwise).
+Remedy: ``ClientRequest.write_bytes`` takes ``content_length=None`` and,
+called without it, uses the length ``send()`` would have passed (so the
+declared length is still enforced), and ``ClientRequest.send`` calls an
+override that takes two arguments with two.
 """
 
 from __future__ import annotations
@@ -62,10 +61,14 @@ def _takes_two(cls: type) -> bool:
 
 
 def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
-    async def write_bytes(
+    # A plain function returning the original's coroutine: no extra frame.
+    def write_bytes(
         self: Any, writer: Any, conn: Any, content_length: Optional[int] = None
-    ) -> None:
-        await original(self, writer, conn, content_length)
+    ) -> Any:
+        if content_length is None:
+            # Called the 3.11 way: the length send() would have passed.
+            content_length = self._get_content_length()
+        return original(self, writer, conn, content_length)
 
     return write_bytes
 
@@ -100,13 +103,10 @@ def _probe() -> Optional[str]:
 
 
 def _patches() -> Sequence[Patch]:
-    patches = [Patch(client_reqrep.ClientRequest, "send", _build_send)]
-    param = _content_length_param()
-    if param is not None and param.default is inspect.Parameter.empty:
-        patches.append(
-            Patch(client_reqrep.ClientRequest, "write_bytes", _build_write_bytes)
-        )
-    return patches
+    return (
+        Patch(client_reqrep.ClientRequest, "send", _build_send),
+        Patch(client_reqrep.ClientRequest, "write_bytes", _build_write_bytes),
+    )
 
 
 FIX = Fix(

@@ -268,21 +268,6 @@ async def test_content_length_limit_holds_through_311_style_override(
     ]
 
 
-@pytest.mark.xfail(
-    ON_3_12,
-    strict=True,
-    reason=(
-        "BUG: with content-length-limit disabled (AIOHTTP_PAYLOADFIX_DISABLE="
-        "content-length-limit, which also holds back overlong-body-warning and"
-        " short-body-error), the shim write-bytes-signature puts in"
-        " ClientRequest.send calls a 2-argument override without content_length;"
-        " the override's super().write_bytes(writer, conn) then passes None to"
-        " aiohttp 3.12's write_bytes and its own Content-Length limit is lost:"
-        " the whole body goes out (GET /smuggled reaches the server). The fix's"
-        " docstring says aiohttp's write_bytes reads the length from the headers"
-        " otherwise; no 3.12 release does."
-    ),
-)
 async def test_limit_holds_through_311_style_override_without_limit_fix(
     fixed: FixState, raw_server: RawHTTPServer
 ) -> None:
@@ -457,10 +442,9 @@ def test_unaffected_release_is_left_alone(fixed: FixState) -> None:
     )
     if fixed.needed:
         assert aiohttp_payloadfix.is_applied(FIX_ID)
-        expected = ["ClientRequest.send"]
-        if AIOHTTP_VERSION < (3, 12, 15):
-            expected.append("ClientRequest.write_bytes")
-        assert patched == expected
+        # write_bytes too on 3.12.15: called without content_length it takes
+        # the one send() would pass, so a 3.11-style override keeps the limit.
+        assert patched == ["ClientRequest.send", "ClientRequest.write_bytes"]
     else:
         # 3.9-3.11 have the 3.11 signature; 3.13+ is left alone by design.
         assert not aiohttp_payloadfix.is_applied(FIX_ID)
