@@ -31,7 +31,6 @@ from yarl import URL
 
 import aiohttp_payloadfix
 from aiohttp_payloadfix import ContentLengthError, PayloadFixWarning, _contract
-from aiohttp_payloadfix._fix import AIOHTTP_VERSION
 from aiohttp_payloadfix.fixes import FIXES
 
 from .contract_support import (
@@ -64,16 +63,6 @@ ROOT = Path(__file__).resolve().parents[2]
 
 #: 3.12+ reads file bodies itself (before, file-payload-reuse does, peeking
 #: one byte past the declared length).
-BUG_FILE_OF_UNKNOWN_SIZE = pytest.mark.xfail(
-    AIOHTTP_VERSION >= (3, 12, 0),
-    strict=True,
-    reason="BUG: on 3.12 an over-long file of unknown size (text file, /proc"
-    " file) is cut silently: aiohttp reads it only up to the declared length,"
-    " so overlong-body-warning never sees the excess",
-)
-#: The kinds that run into BUG_FILE_OF_UNKNOWN_SIZE (an unbuffered file's size
-#: is known from 3.12 on).
-UNKNOWN_SIZE_FILES = frozenset({"open-r"})
 
 
 @pytest.fixture
@@ -121,8 +110,6 @@ def secret_url(server: RawHTTPServer) -> URL:
 
 def known_bug(kind: Kind) -> Optional[pytest.MarkDecorator]:
     """The xfail mark of a bug this kind runs into when over-long."""
-    if kind.name in UNKNOWN_SIZE_FILES and AIOHTTP_VERSION >= (3, 12, 0):
-        return BUG_FILE_OF_UNKNOWN_SIZE
     return None
 
 
@@ -665,7 +652,6 @@ def test_reverting_the_limit_holds_back_what_requires_it() -> None:
         assert all(aiohttp_payloadfix.is_applied(i) for i in dependents)
 
 
-@BUG_FILE_OF_UNKNOWN_SIZE
 @pytest.mark.skipif(
     not Path("/proc/self/cmdline").exists(), reason="no /proc file system here"
 )
