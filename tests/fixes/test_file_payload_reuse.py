@@ -519,8 +519,10 @@ async def test_retry_on_stale_connection_bug_reproduces(
     retried = [r.body for r in raw_server.connections[-1].requests]
     # 3.10/3.11 close the file after the first attempt, so the retry fails
     # ("I/O operation on closed file"); 3.12.15 resends it from where the first
-    # attempt stopped: an empty body with "Content-Length: 0".
-    assert error is not None or retried != [data]
+    # attempt stopped: an empty body with "Content-Length: 0". 3.14 fixed it
+    # upstream (the package leaves 3.13+ alone).
+    if AIOHTTP_VERSION < (3, 14, 0):
+        assert error is not None or retried != [data]
 
 
 @pytest.mark.skipif(
