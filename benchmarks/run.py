@@ -306,6 +306,7 @@ class Server:
             stderr=self.errlog,
             text=True,
             env=child_env(),
+            cwd=workdir,
         )
         pin(self.proc.pid, cpus)
         ports = json.loads(read_line(self.proc, 30, "server"))
@@ -362,6 +363,7 @@ class Worker:
             stderr=self.errlog,
             text=True,
             env=child_env(),
+            cwd=workdir,
         )
         pin(self.proc.pid, cpus)
         env.info = json.loads(read_line(self.proc, 180, self.what))
@@ -404,6 +406,12 @@ def check_env(env: Env) -> None:
     if env.patched:
         if not env.info.get("payloadfix"):
             raise BenchError(f"{env.key}: aiohttp_payloadfix is not installed")
+        where = Path(env.info.get("payloadfix_file") or "").resolve()
+        if env.path.resolve() not in where.parents:
+            raise BenchError(
+                f"{env.key}: aiohttp_payloadfix imported from {where}, not from"
+                " the environment's snapshot of the checkout"
+            )
         failed = {k: v for k, v in env.info["fixes"].items() if v == "failed"}
         if failed:
             raise BenchError(f"{env.key}: fixes failed to apply: {failed}")
@@ -518,6 +526,7 @@ def run_rounds(
 
 
 def run_memory(
+    workdir: Path,
     envs: List[Env],
     server: Server,
     upload: Path,
@@ -547,6 +556,7 @@ def run_memory(
                 stderr=subprocess.PIPE,
                 text=True,
                 env=child_env(),
+                cwd=workdir,
             )
             pin(proc.pid, cpus)
             stdout, stderr = proc.communicate(timeout=RUN_TIMEOUT)
@@ -573,7 +583,7 @@ _IMPORT_WITH = (
 
 
 def run_import(
-    envs: List[Env], pairs: int, cpus: Optional[List[int]]
+    workdir: Path, envs: List[Env], pairs: int, cpus: Optional[List[int]]
 ) -> Dict[str, Dict[str, Any]]:
     """What ``import aiohttp_payloadfix`` adds to ``import aiohttp``.
 
@@ -590,7 +600,13 @@ def run_import(
     def timed(python: str, code: str) -> Tuple[float, float, float]:
         start = time.perf_counter()
         proc = subprocess.Popen(
-            [python, "-c", code], stdout=subprocess.PIPE, text=True, env=env_vars
+            [python, "-c", code],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env_vars,
+            # Not the checkout: `python -c` puts the working directory first on
+            # sys.path, and the package must come from the environment.
+            cwd=workdir,
         )
         pin(proc.pid, cpus)
         stdout, _ = proc.communicate()
@@ -823,6 +839,14 @@ def load_average() -> str:
         return "unknown"
 
 
+def busy_machine(*loads: str) -> bool:
+    """Other work kept the CPUs busy: a load average above 3/4 of them."""
+    try:
+        return max(float(x) for x in loads) > 0.75 * (os.cpu_count() or 1)
+    except ValueError:
+        return False
+
+
 def git_info() -> str:
     try:
         head = subprocess.run(
@@ -923,6 +947,19 @@ def write_report(
         " medians over the rounds and ratios of those medians",
         f"- total time {meta['elapsed']}; load average {meta['load']}",
         "",
+        *(
+            [
+                "**This machine was busy with other work during the run** (load"
+                f" average {meta['load']}, on {meta['machine']['cpus']} CPUs):"
+                " requests/s and latencies include time spent waiting for a CPU,"
+                " and their ratios are distorted by it. The client-CPU-time"
+                " ratios (*on CPU* columns) are the steadier comparison; rerun on"
+                " an idle machine for wall-clock figures.",
+                "",
+            ]
+            if meta["busy"]
+            else []
+        ),
         "Fixes applied at import, per release (states from"
         " `aiohttp_payloadfix.status()` in the patched environments):",
         "",
@@ -1339,11 +1376,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             upload = workdir / "upload-256MiB.bin"
             make_file(upload, MEMORY_UPLOAD)
             order = [envs[k] for k in ("A", "B", "D", "E", "C", "F")]
-            memory = run_memory(order, server, upload, body_file, 3, client_cpus)
+            memory = run_memory(
+                workdir, order, server, upload, body_file, 3, client_cpus
+            )
             upload.unlink()
         imports: Optional[Dict[str, Dict[str, Any]]] = None
         if do_import:
-            imports = run_import([envs[k] for k in ("B", "E", "F")], 30, client_cpus)
+            imports = run_import(
+                workdir, [envs[k] for k in ("B", "E", "F")], 30, client_cpus
+            )
         server.close()
         server = None
 
@@ -1367,6 +1408,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 )
 
         elapsed = time.perf_counter() - started
+        load_end = load_average()
         meta: Dict[str, Any] = {
             "date": datetime.datetime.now(datetime.timezone.utc).strftime(
                 "%Y-%m-%d %H:%M UTC"
@@ -1385,7 +1427,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "rounds": rounds,
             "nice": args.nice,
             "elapsed": f"{elapsed / 60:.1f} min",
-            "load": f"{load_start} at the start, {load_average()} at the end",
+            "load": f"{load_start} at the start, {load_end} at the end",
+            "busy": busy_machine(load_start, load_end),
         }
         if args.json:
             args.json.write_text(

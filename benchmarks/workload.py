@@ -61,6 +61,7 @@ def describe() -> Dict[str, Any]:
     }
     if _PATCH:
         info["payloadfix"] = aiohttp_payloadfix.__version__
+        info["payloadfix_file"] = aiohttp_payloadfix.__file__
         info["fixes"] = {f.id: f.state for f in aiohttp_payloadfix.status().fixes}
     return info
 
