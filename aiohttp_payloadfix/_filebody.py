@@ -122,16 +122,26 @@ def _log_close_error(fut: asyncio.Future[None]) -> None:
         _LOG.warning("closing a request body file failed: %r", exc)
 
 
+def _close(f: Any) -> None:
+    try:
+        f.close()
+    except ValueError:
+        # aiohttp 3.12 closes the body too, in another executor thread: a
+        # buffered file closed under us says "I/O operation on closed file".
+        if not f.closed:
+            raise
+
+
 def close_soon(f: Any) -> None:
     """Close ``f`` without making anybody wait for it. BytesIO stays open."""
     if isinstance(f, io.BytesIO) or getattr(f, "closed", True):
         return
     try:
         loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(None, f.close)
+        fut = loop.run_in_executor(None, _close, f)
     except RuntimeError:
         # No running loop, a closed loop or an executor already shut down.
-        f.close()
+        _close(f)
         return
     _PENDING_CLOSES.add(fut)
     fut.add_done_callback(_log_close_error)
