@@ -17,6 +17,7 @@ import contextlib
 import inspect
 import io
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Dict, Iterator, List, Tuple
@@ -50,7 +51,7 @@ from yarl import URL
 import aiohttp_payloadfix
 from aiohttp_payloadfix import _api
 from aiohttp_payloadfix._fix import AIOHTTP_VERSION
-from aiohttp_payloadfix._ledger import LEDGER
+from aiohttp_payloadfix._ledger import LEDGER, PayloadFixWarning
 
 REQUESTS = 20
 #: Bounds a hang in a failing test; nothing is asserted about time.
@@ -299,6 +300,68 @@ async def test_aioresponses_passthrough_bug_reproduces(
         assert connections.created > 1
     else:
         pytest.skip(NO_RACE)
+
+
+def _force(state: Dict[type, Dict[str, Any]]) -> None:
+    """Put every attribute of the patched classes back to ``state``."""
+    for cls, attrs in state.items():
+        for name in set(vars(cls)) - set(attrs):
+            delattr(cls, name)
+        for name, obj in attrs.items():
+            if vars(cls).get(name) is not obj:
+                setattr(cls, name, obj)
+
+
+async def test_revert_under_an_active_mock(
+    web_server: WebServer, connections: ConnectionCounter
+) -> None:
+    """revert() while aioresponses mocks ``_request`` leaves the mock (and our
+    replacement under it) with a warning; the mock, stopped, puts ours back.
+    Neither apply() nor revert() afterwards may take that leftover for
+    aiohttp's original: apply() does not wrap it again, revert() removes it."""
+    with package_reverted():
+        released = _snapshot()
+        try:
+            aiohttp_payloadfix.apply()
+            assert_fixes_active()
+            on_request = [
+                fix_id
+                for fix_id in LEDGER.applied()
+                if any(
+                    (r.owner, r.name) == (aiohttp.ClientSession, "_request")
+                    for r in LEDGER._records[fix_id]
+                )
+            ]
+            with aioresponses(passthrough=[str(web_server.url)]):
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    aiohttp_payloadfix.revert()
+                async with connections.session() as session:
+                    await post_bytesio(session, web_server.url / "up", "mocked")
+            assert [str(w.message) for w in caught] == [
+                f"aiohttp_payloadfix: ClientSession._request was replaced by"
+                f" another library after fix {fix_id!r} patched it; leaving that"
+                " wrapper (and ours under it) in place"
+                for fix_id in on_request
+            ]
+            assert all(w.category is PayloadFixWarning for w in caught)
+
+            aiohttp_payloadfix.apply()
+            assert_fixes_active()
+            original = released[aiohttp.ClientSession]["_request"]
+            on_top = vars(aiohttp.ClientSession)["_request"]
+            assert inspect.unwrap(on_top) is original
+            if on_request:
+                assert on_top.__wrapped__ is original  # not ours on ours
+            connections.created = 0
+            async with connections.session() as session:
+                await post_bytesio(session, web_server.url / "up", "again")
+            assert connections.created == 1
+            aiohttp_payloadfix.revert()
+            assert_identical(released)
+        finally:
+            LEDGER.revert_all()
+            _force(released)
 
 
 # --------------------------------------------------------------------------
