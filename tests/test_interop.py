@@ -21,6 +21,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Dict, Iterator, List, Tuple
+from unittest import mock
 
 import aiohttp
 import pytest
@@ -312,6 +313,24 @@ def _force(state: Dict[type, Dict[str, Any]]) -> None:
                 setattr(cls, name, obj)
 
 
+def fixes_patching(owner: type, name: str) -> List[str]:
+    """Applied fixes that replaced ``owner.name``, in the order revert meets them."""
+    return [
+        fix_id
+        for fix_id in reversed(LEDGER.applied())
+        if any((r.owner, r.name) == (owner, name) for r in LEDGER._records[fix_id])
+    ]
+
+
+def left_in_place(owner: type, name: str, fix_ids: List[str]) -> List[str]:
+    return [
+        f"aiohttp_payloadfix: {owner.__qualname__}.{name} was replaced by another"
+        f" library after fix {fix_id!r} patched it; leaving that wrapper (and ours"
+        " under it) in place"
+        for fix_id in fix_ids
+    ]
+
+
 async def test_revert_under_an_active_mock(
     web_server: WebServer, connections: ConnectionCounter
 ) -> None:
@@ -321,42 +340,68 @@ async def test_revert_under_an_active_mock(
     aiohttp's original: apply() does not wrap it again, revert() removes it."""
     with package_reverted():
         released = _snapshot()
+        original = released[aiohttp.ClientSession]["_request"]
         try:
             aiohttp_payloadfix.apply()
             assert_fixes_active()
-            on_request = [
-                fix_id
-                for fix_id in LEDGER.applied()
-                if any(
-                    (r.owner, r.name) == (aiohttp.ClientSession, "_request")
-                    for r in LEDGER._records[fix_id]
-                )
-            ]
+            stranded = fixes_patching(aiohttp.ClientSession, "_request")
             with aioresponses(passthrough=[str(web_server.url)]):
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
                     aiohttp_payloadfix.revert()
                 async with connections.session() as session:
                     await post_bytesio(session, web_server.url / "up", "mocked")
-            assert [str(w.message) for w in caught] == [
-                f"aiohttp_payloadfix: ClientSession._request was replaced by"
-                f" another library after fix {fix_id!r} patched it; leaving that"
-                " wrapper (and ours under it) in place"
-                for fix_id in on_request
-            ]
+            assert [str(w.message) for w in caught] == left_in_place(
+                aiohttp.ClientSession, "_request", stranded
+            )
             assert all(w.category is PayloadFixWarning for w in caught)
 
             aiohttp_payloadfix.apply()
             assert_fixes_active()
-            original = released[aiohttp.ClientSession]["_request"]
             on_top = vars(aiohttp.ClientSession)["_request"]
             assert inspect.unwrap(on_top) is original
-            if on_request:
+            if stranded:
                 assert on_top.__wrapped__ is original  # not ours on ours
             connections.created = 0
             async with connections.session() as session:
                 await post_bytesio(session, web_server.url / "up", "again")
             assert connections.created == 1
+            aiohttp_payloadfix.revert()
+            assert_identical(released)
+        finally:
+            LEDGER.revert_all()
+            _force(released)
+
+
+async def test_revert_under_a_wrapper_of_stacked_fixes(
+    web_server: WebServer,
+) -> None:
+    """Several fixes wrap ``ClientRequest.write_bytes`` one on another; a spy
+    patched over them and removed again uncovers the whole stack, which the
+    next revert() unwinds to aiohttp's original."""
+    with package_reverted():
+        released = _snapshot()
+        try:
+            aiohttp_payloadfix.apply()
+            stranded = fixes_patching(ClientRequest, "write_bytes")
+            below = vars(ClientRequest)["write_bytes"]
+            spied: List[str] = []
+
+            def spy(self: ClientRequest, *args: Any) -> Any:
+                spied.append(self.url.path)
+                return below(self, *args)
+
+            with mock.patch.object(ClientRequest, "write_bytes", spy):
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    aiohttp_payloadfix.revert()
+                async with aiohttp.ClientSession() as session:
+                    await post_bytesio(session, web_server.url / "up", "spy", 2)
+            assert spied == ["/up"] * 2
+            assert [str(w.message) for w in caught] == left_in_place(
+                ClientRequest, "write_bytes", stranded
+            )
+            assert vars(ClientRequest)["write_bytes"] is below
             aiohttp_payloadfix.revert()
             assert_identical(released)
         finally:
