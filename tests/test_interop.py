@@ -204,7 +204,6 @@ async def test_otel_instrumented_after_the_package(
     # Their uninstrument leaves ours: the very objects, still working.
     otel.instrumentor.uninstrument()
     assert_identical(ours)
-    assert "__wrapped__" not in vars(aiohttp.ClientSession)["__init__"].__dict__
     connections.created = 0
     async with connections.session() as session:
         await post_bytesio(session, web_server.url / "up", "uninstrumented")
@@ -446,7 +445,7 @@ async def test_pytest_aiohttp_client_fixture(
 # --------------------------------------------------------------------------
 # A request_class written for aiohttp 3.11
 
-#: How often the override ran, per class.
+#: The request path of each call of the override.
 OVERRIDE_CALLS: List[str] = []
 
 
@@ -484,7 +483,7 @@ async def test_request_class_with_311_write_bytes(
     url = web_server.url / "up"
     if AIOHTTP_VERSION >= (3, 13, 0):
         # Untouched by design (README, "Removing the dependency").
-        with pytest.raises(TypeError):
+        with pytest.raises(TypeError, match="positional argument"):
             await upload_with_override(url, connections, tmp_path)
         return
     sent = await upload_with_override(url, connections, tmp_path)
@@ -572,9 +571,9 @@ async def test_two_threads_upload_at_once(
     for tag in ("t1", "t2"):
         got = [b for _m, p, b in web_server.received if p == f"/{tag}"]
         assert got == sent[tag]
-    # Interleaved: the threads really ran at the same time.
+    # Interleaved: the threads really uploaded at the same time.
     paths = [p for _m, p, _b in web_server.received]
-    assert paths != sorted(paths)
+    assert sum(a != b for a, b in zip(paths, paths[1:])) > 1
     assert created == {"t1": 1, "t2": 1}
 
 
