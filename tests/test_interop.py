@@ -25,7 +25,6 @@ from unittest import mock
 
 import aiohttp
 import pytest
-import wrapt
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.client_reqrep import ClientRequest
@@ -147,9 +146,11 @@ class Otel:
 
     def instrument(self) -> Any:
         """Instrument; return OpenTelemetry's wrapper of ClientSession.__init__."""
+        init = vars(aiohttp.ClientSession)["__init__"]
         self.instrumentor.instrument(tracer_provider=self.provider)
         wrapper = vars(aiohttp.ClientSession)["__init__"]
-        assert isinstance(wrapper, wrapt.FunctionWrapper)
+        assert wrapper is not init
+        assert wrapper.__wrapped__ is init  # wrapt's FunctionWrapper
         return wrapper
 
     def client_spans(self) -> List[Tuple[str, Any]]:
