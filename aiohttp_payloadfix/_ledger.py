@@ -12,7 +12,9 @@ Every write is recorded with its exact inverse:
   taken are undone before the error propagates;
 * revert restores only where our replacement is still on top. If another
   library wrapped it since, its wrapper (and therefore ours, underneath) is
-  left alone and a :class:`PayloadFixWarning` says so.
+  left alone and a :class:`PayloadFixWarning` says so. Should ours come back
+  on top (a mock, stopped, puts back what it found), the next apply or revert
+  restores the original first, instead of wrapping ours again or keeping it.
 """
 
 from __future__ import annotations
@@ -90,6 +92,8 @@ class Ledger:
         self._lock = threading.RLock()
         self._records: Dict[str, List[_Record]] = {}
         self._order: List[str] = []
+        # Replacements a revert had to leave under another library's wrapper.
+        self._stranded: List[_Record] = []
 
     # queries -----------------------------------------------------------
     def applied(self) -> Tuple[str, ...]:
@@ -139,6 +143,7 @@ class Ledger:
         Returns False if the fix was already applied (nothing is done).
         """
         with self._lock:
+            self._recover_stranded()
             if fix_id in self._records:
                 return False
             done: List[_Record] = []
@@ -178,7 +183,9 @@ class Ledger:
                 return False
             self._order.remove(fix_id)
             for record in reversed(records):
-                self._undo(record)
+                if not self._undo(record):
+                    self._stranded.append(record)
+            self._recover_stranded()
             return True
 
     def revert_all(self) -> Tuple[str, ...]:
@@ -186,10 +193,26 @@ class Ledger:
             reverted = tuple(reversed(self._order))
             for fix_id in reverted:
                 self.revert(fix_id)
+            self._recover_stranded()
             return reverted
 
+    def _recover_stranded(self) -> None:
+        """Undo each stranded replacement that is on top again (it may uncover
+        another: stacked fixes)."""
+        live = {id(r.replacement) for rs in self._records.values() for r in rs}
+        again = True
+        while again:
+            again = False
+            for record in list(self._stranded):
+                if id(record.replacement) in live:
+                    self._stranded.remove(record)  # applied again since
+                elif vars(record.owner).get(record.name) is record.replacement:
+                    self._stranded.remove(record)
+                    self._undo(record)
+                    again = True
+
     @staticmethod
-    def _undo(record: _Record) -> None:
+    def _undo(record: _Record) -> bool:
         on_top = vars(record.owner).get(record.name, _MISSING)
         if on_top is not record.replacement:
             warnings.warn(
@@ -199,11 +222,12 @@ class Ledger:
                 PayloadFixWarning,
                 stacklevel=4,
             )
-            return
+            return False
         if record.original is _MISSING:
             delattr(record.owner, record.name)
         else:
             setattr(record.owner, record.name, record.original)
+        return True
 
 
 #: The process-wide ledger.
