@@ -270,6 +270,33 @@ async def _crlf_text(server: _Server) -> Outcome:
     return Outcome(f"server got {len(got)} of {len(expected)} bytes", False)
 
 
+async def _head_with_body(server: _Server) -> Outcome:
+    async with aiohttp.ClientSession() as session:
+        async with session.post(server.url + "/upload", data=b"warm") as resp:
+            await resp.read()
+        connector: Any = session.connector
+        ((protocol, _),) = [c for conns in connector._conns.values() for c in conns]
+        transport = protocol.transport
+        write = transport.write
+        writes = [0]
+
+        def counting(data: Any) -> None:
+            writes[0] += 1
+            write(data)
+
+        # The instance's own attribute, on asyncio's transport, for ten requests.
+        transport.write = counting
+        try:
+            for _ in range(10):
+                data = b"x" * 1024
+                async with session.post(server.url + "/upload", data=data) as resp:
+                    await resp.read()
+        finally:
+            del transport.write
+    per = writes[0] / 10
+    return Outcome(f"{per:g} write{'s' if per != 1 else ''} per request", per == 1)
+
+
 SCENARIOS: Tuple[Scenario, ...] = (
     Scenario("seed: BytesIO(), Content-Length: 0", "file-payload-reuse", _seed),
     Scenario("20 POSTs of BytesIO(1 KiB)", "file-payload-reuse", _bytesio_reuse),
@@ -293,6 +320,9 @@ SCENARIOS: Tuple[Scenario, ...] = (
         "body longer than Content-Length, logged", "overlong-body-warning", _overlong
     ),
     Scenario("text file, CRLF newlines", "computed-lengths", _crlf_text),
+    Scenario(
+        "10 POSTs of 1 KiB bytes, client writes", "coalesced-headers", _head_with_body
+    ),
 )
 
 

@@ -8,6 +8,7 @@ from .._fix import Fix
 from . import (
     cancelled_upload_close,
     chunked_file_reads,
+    coalesced_headers,
     computed_lengths,
     content_length_limit,
     file_payload_reuse,
@@ -30,6 +31,9 @@ FIXES: Tuple[Fix, ...] = (
     short_body_error.FIX,
     overlong_body_warning.FIX,
     computed_lengths.FIX,
+    # Its own attribute (StreamWriter.write_headers), wrapped by no other fix:
+    # last, so applying or reverting it never restacks the others.
+    coalesced_headers.FIX,
 )
 
 

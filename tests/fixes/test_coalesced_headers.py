@@ -1,0 +1,500 @@
+"""coalesced-headers: a request's head and first body bytes in one write.
+
+What is counted is the client's calls to its socket transport's ``write`` (a
+TCP segment boundary on the server side is not something a test can rely on).
+Releases before 3.12 write the head on its own; with the fix, or on 3.12+, the
+head is the start of the first write that carries body bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import zlib
+from asyncio import selector_events
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Dict, Iterator, List, Tuple, Union
+
+import aiohttp
+import pytest
+from aiohttp import client_proto, http_writer, web
+from conftest import ConnectionCounter, FixState, RawHTTPServer, Reply, switched
+from multidict import CIMultiDict
+
+import aiohttp_payloadfix
+from aiohttp_payloadfix._fix import AIOHTTP_VERSION
+from aiohttp_payloadfix._ledger import LEDGER, MARKER
+from aiohttp_payloadfix.fixes import by_id
+
+FIX_ID = "coalesced-headers"
+SAFETY = aiohttp.ClientTimeout(total=30)
+KiB = 1024
+AFFECTED = AIOHTTP_VERSION < (3, 12, 0)
+
+
+@pytest.fixture
+def fix_id() -> str:
+    return FIX_ID
+
+
+@dataclass
+class Wire:
+    """Every transport write the client made, per connection, in order."""
+
+    writes: List[bytes] = field(default_factory=list)
+
+    def client(self) -> List[bytes]:
+        return list(self.writes)
+
+
+@pytest.fixture
+def wire(monkeypatch: pytest.MonkeyPatch) -> Iterator[Wire]:
+    """Records the writes of client transports (those whose protocol is
+    aiohttp's client ResponseHandler) on asyncio's socket transport."""
+    log = Wire()
+    cls: Any = getattr(selector_events, "_SelectorSocketTransport")  # noqa: B009
+    write = cls.write
+    writelines = cls.writelines
+    inside = [False]
+
+    def is_client(transport: Any) -> bool:
+        return isinstance(transport.get_protocol(), client_proto.ResponseHandler)
+
+    def recording_write(self: Any, data: Any) -> None:
+        if not inside[0] and is_client(self):
+            log.writes.append(bytes(data))
+        write(self, data)
+
+    def recording_writelines(self: Any, chunks: Any) -> None:
+        chunks = list(chunks)
+        if is_client(self):
+            log.writes.append(b"".join(chunks))
+        inside[0] = True  # 3.11's writelines calls write
+        try:
+            writelines(self, chunks)
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(cls, "write", recording_write)
+    monkeypatch.setattr(cls, "writelines", recording_writelines)
+    yield log
+
+
+def head_of(data: bytes) -> Tuple[bytes, bytes]:
+    head, sep, rest = data.partition(b"\r\n\r\n")
+    assert sep, f"no complete head in {data[:80]!r}"
+    return head + sep, rest
+
+
+async def post(server: RawHTTPServer, data: Any, **kwargs: Any) -> None:
+    async with aiohttp.ClientSession(timeout=SAFETY) as session:
+        async with session.post(server.url("/upload"), data=data, **kwargs) as resp:
+            assert resp.status == 200
+            await resp.read()
+
+
+def one_request(server: RawHTTPServer) -> bytes:
+    server.assert_clean()
+    (request,) = server.requests
+    assert request.complete
+    return request.body
+
+
+# --------------------------------------------------------------------------
+# The common case: a small body goes out with the head.
+
+SMALL_BODIES: Dict[str, Callable[[], Union[bytes, bytearray, io.BytesIO]]] = {
+    "bytes": lambda: b"x" * KiB,
+    "bytearray": lambda: bytearray(b"y" * KiB),
+    "BytesIO": lambda: io.BytesIO(b"z" * KiB),
+    "64 KiB bytes": lambda: b"w" * (64 * KiB),
+}
+
+
+@pytest.mark.parametrize("kind", list(SMALL_BODIES))
+async def test_small_body_goes_out_with_the_head(
+    fixed: FixState, raw_server: RawHTTPServer, wire: Wire, kind: str
+) -> None:
+    body = SMALL_BODIES[kind]()
+    await post(raw_server, body)
+    expected = bytes(body.getvalue() if isinstance(body, io.BytesIO) else body)
+    assert one_request(raw_server) == expected
+    (write,) = wire.client()
+    head, rest = head_of(write)
+    assert head.startswith(b"POST /upload HTTP/1.1\r\n")
+    assert rest == expected
+
+
+@pytest.mark.skipif(not AFFECTED, reason="3.12+ coalesces: nothing to reproduce")
+async def test_bug_reproduces_unfixed(
+    unfixed: FixState, raw_server: RawHTTPServer, wire: Wire
+) -> None:
+    await post(raw_server, b"x" * KiB)
+    assert one_request(raw_server) == b"x" * KiB
+    head, body = wire.client()
+    assert head_of(head)[1] == b""
+    assert body == b"x" * KiB
+
+
+async def test_large_chunk_is_not_copied_into_the_head(
+    fixed: FixState, raw_server: RawHTTPServer, wire: Wire
+) -> None:
+    body = b"L" * (256 * KiB)
+    await post(raw_server, body)
+    assert one_request(raw_server) == body
+    writes = wire.client()
+    if AIOHTTP_VERSION >= (3, 12, 0):
+        return  # upstream's choice, not ours: head joined or written alongside
+    head, data = writes
+    assert head_of(head)[1] == b""
+    assert data == body
+
+
+async def test_file_like_body_larger_than_a_read(
+    fixed: FixState, raw_server: RawHTTPServer, wire: Wire
+) -> None:
+    """A 200 KiB BytesIO is read 64 KiB at a time: the head goes with the
+    first read, the rest follows."""
+    body = bytes(range(256)) * 800
+    await post(raw_server, io.BytesIO(body))
+    assert one_request(raw_server) == body
+    first, *_ = wire.client()
+    head, rest = head_of(first)
+    assert rest and body.startswith(rest)
+    assert b"".join(wire.client()) == head + body
+
+
+async def test_chunked_body(
+    fixed: FixState, raw_server: RawHTTPServer, wire: Wire
+) -> None:
+    async def gen() -> AsyncIterator[bytes]:
+        yield b"first"
+        yield b"second"
+
+    await post(raw_server, gen())
+    assert one_request(raw_server) == b"firstsecond"
+    first, *_ = wire.client()
+    head, rest = head_of(first)
+    assert b"transfer-encoding: chunked" in head.lower()
+    assert rest.startswith(b"5\r\nfirst\r\n")
+
+
+async def test_compressed_body(
+    fixed: FixState, raw_server: RawHTTPServer, wire: Wire
+) -> None:
+    body = b"compress me " * 100
+    await post(raw_server, body, compress="deflate")
+    sent = one_request(raw_server)
+    assert zlib.decompress(sent) == body
+    first, *_ = wire.client()
+    head, rest = head_of(first)
+    assert b"content-encoding: deflate" in head.lower()
+    assert rest, "the head went out without body bytes"
+
+
+# --------------------------------------------------------------------------
+# Where the head must go out alone.
+
+
+async def test_request_without_body(
+    fixed: FixState, raw_server: RawHTTPServer, wire: Wire
+) -> None:
+    async with aiohttp.ClientSession(timeout=SAFETY) as session:
+        async with session.get(raw_server.url("/")) as resp:
+            assert resp.status == 200
+    raw_server.assert_clean()
+    (request,) = raw_server.requests
+    assert (request.method, request.complete) == ("GET", True)
+    (write,) = wire.client()
+    assert head_of(write)[1] == b""
+
+
+async def test_empty_file_like_body(
+    fixed: FixState, raw_server: RawHTTPServer, wire: Wire
+) -> None:
+    await post(raw_server, io.BytesIO())
+    assert one_request(raw_server) == b""
+    (write,) = wire.client()
+    assert head_of(write)[1] == b""
+
+
+async def test_expect_continue_sends_the_head_first(
+    fixed: FixState, raw_server: RawHTTPServer, wire: Wire
+) -> None:
+    """The server answers 100 only after the head: a head held for the body
+    would wait for ever (here: until the safety timeout)."""
+    await post(raw_server, b"x" * KiB, expect100=True)
+    assert one_request(raw_server) == b"x" * KiB
+    head, body = wire.client()
+    assert b"expect: 100-continue" in head.lower()
+    assert head_of(head)[1] == b""
+    assert body == b"x" * KiB
+
+
+async def test_many_requests_on_one_connection(
+    fixed: FixState,
+    raw_server: RawHTTPServer,
+    wire: Wire,
+    connections: ConnectionCounter,
+) -> None:
+    async with connections.session(timeout=SAFETY) as session:
+        for i in range(5):
+            data = (b"%d" % i) * 100
+            async with session.post(raw_server.url("/upload"), data=data) as resp:
+                await resp.read()
+            async with session.get(raw_server.url("/")) as resp:
+                await resp.read()
+    raw_server.assert_clean()
+    assert connections.created == 1
+    assert [r.method for r in raw_server.requests] == ["POST", "GET"] * 5
+    assert len(wire.client()) == 10
+
+
+# --------------------------------------------------------------------------
+# Tracing signals: the same calls, with the same content, in the same order.
+
+
+async def traced_post(server: RawHTTPServer, data: Any) -> List[Tuple[str, Any]]:
+    events: List[Tuple[str, Any]] = []
+    trace = aiohttp.TraceConfig()
+
+    # (session, trace context, params), spelled with *args as in conftest.
+    async def on_headers(*args: Any) -> None:
+        events.append(("headers", dict(args[2].headers)))
+
+    async def on_chunk(*args: Any) -> None:
+        events.append(("chunk", bytes(args[2].chunk)))
+
+    trace.on_request_headers_sent.append(on_headers)
+    trace.on_request_chunk_sent.append(on_chunk)
+    async with aiohttp.ClientSession(timeout=SAFETY, trace_configs=[trace]) as s:
+        async with s.post(server.url("/upload"), data=data) as resp:
+            await resp.read()
+    return events
+
+
+async def test_trace_signals_unchanged(raw_server: RawHTTPServer) -> None:
+    def body() -> Any:
+        async def gen() -> AsyncIterator[bytes]:
+            yield b"one"
+            yield b"two"
+
+        return gen()
+
+    with switched(FIX_ID, applied=False):
+        before = await traced_post(raw_server, body())
+    with switched(FIX_ID, applied=True):
+        after = await traced_post(raw_server, body())
+    assert before == after
+    kinds = [kind for kind, _ in after]
+    assert kinds == ["headers", "chunk", "chunk"]
+    assert [c for k, c in after if k == "chunk"] == [b"one", b"two"]
+
+
+# --------------------------------------------------------------------------
+# A body that never produces its first chunk.
+
+
+async def test_cancelled_before_the_first_chunk(
+    fixed: FixState,
+    raw_server: RawHTTPServer,
+    wire: Wire,
+    connections: ConnectionCounter,
+) -> None:
+    started = asyncio.Event()
+
+    async def stalled() -> AsyncIterator[bytes]:
+        started.set()
+        await asyncio.Event().wait()
+        yield b"never"  # pragma: no cover
+
+    async with connections.session(timeout=SAFETY) as session:
+        task = asyncio.ensure_future(
+            session.post(raw_server.url("/upload"), data=stalled())
+        )
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        async with session.post(raw_server.url("/next"), data=b"next") as resp:
+            assert resp.status == 200
+    await raw_server.settle()
+    raw_server.assert_clean()
+    # The upload's connection is not reused for the next request.
+    assert connections.created == 2
+    assert [(r.target, r.body) for r in raw_server.requests if r.complete] == [
+        ("/next", b"next")
+    ]
+    if AFFECTED:
+        # Nothing of the stalled request reached the wire.
+        (write,) = wire.client()
+        assert head_of(write)[1] == b"next"
+
+
+class BodyError(Exception):
+    pass
+
+
+async def test_body_fails_before_the_first_chunk(
+    fixed: FixState,
+    raw_server: RawHTTPServer,
+    wire: Wire,
+    connections: ConnectionCounter,
+) -> None:
+    started = False
+
+    async def broken() -> AsyncIterator[bytes]:
+        if not started:
+            raise BodyError("no data")
+        yield b""  # pragma: no cover
+
+    async with connections.session(timeout=SAFETY) as session:
+        with pytest.raises(aiohttp.ClientError):
+            async with session.post(raw_server.url("/upload"), data=broken()):
+                pass  # pragma: no cover
+        async with session.post(raw_server.url("/next"), data=b"next") as resp:
+            assert resp.status == 200
+    await raw_server.settle()
+    raw_server.assert_clean()
+    assert connections.created == 2
+    assert [(r.target, r.body) for r in raw_server.requests if r.complete] == [
+        ("/next", b"next")
+    ]
+    if AFFECTED and aiohttp_payloadfix.is_applied(FIX_ID):
+        (write,) = wire.client()
+        assert head_of(write)[1] == b"next"
+
+
+# --------------------------------------------------------------------------
+# The web server's own writers are left alone.
+
+
+async def test_server_response_head_is_not_held(fixed: FixState) -> None:
+    """A streamed response whose handler waits after prepare(): the client
+    gets the head before any body byte (a held head would never arrive)."""
+    go = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        await go.wait()
+        await resp.write(b"late")
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        async with aiohttp.ClientSession(timeout=SAFETY) as session:
+            async with session.get(f"http://127.0.0.1:{port}/") as resp:
+                assert resp.status == 200
+                go.set()
+                assert await resp.read() == b"late"
+    finally:
+        await runner.cleanup()
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.writes: List[bytes] = []
+
+    def is_closing(self) -> bool:
+        return False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+
+
+class FakeServerProtocol:
+    connected = True  # read by 3.9-3.10's _write
+
+    def __init__(self) -> None:
+        self.transport = FakeTransport()
+
+
+async def test_only_client_writers_hold_the_head(fixed: FixState) -> None:
+    if not AFFECTED:
+        pytest.skip("3.12+ buffers every head itself")
+    headers: CIMultiDict[str] = CIMultiDict(Host="x")
+    server_protocol = FakeServerProtocol()
+    writer = http_writer.StreamWriter(
+        server_protocol,  # type: ignore[arg-type]
+        asyncio.get_running_loop(),
+    )
+    await writer.write_headers("HTTP/1.1 200 OK", headers)
+    assert len(server_protocol.transport.writes) == 1
+    assert type(writer) is http_writer.StreamWriter
+
+    loop = asyncio.get_running_loop()
+    client_protocol = client_proto.ResponseHandler(loop)
+    transport = FakeTransport()
+    client_protocol.transport = transport  # type: ignore[assignment]
+    writer = http_writer.StreamWriter(client_protocol, loop)
+    await writer.write_headers("POST / HTTP/1.1", headers)
+    assert transport.writes == []
+    await writer.write(b"body")
+    (data,) = transport.writes
+    assert head_of(data)[1] == b"body"
+    # Once the head is out, the writer is aiohttp's own class again.
+    assert type(writer) is http_writer.StreamWriter
+
+
+async def test_a_failing_trace_signal_leaves_a_plain_writer(fixed: FixState) -> None:
+    if not AFFECTED:
+        pytest.skip("3.12+ buffers the head itself")
+
+    async def boom(_headers: Any) -> None:
+        raise BodyError("signal")
+
+    loop = asyncio.get_running_loop()
+    protocol = client_proto.ResponseHandler(loop)
+    transport = FakeTransport()
+    protocol.transport = transport  # type: ignore[assignment]
+    writer = http_writer.StreamWriter(protocol, loop, on_headers_sent=boom)
+    with pytest.raises(BodyError):
+        await writer.write_headers("POST / HTTP/1.1", CIMultiDict(Host="x"))
+    assert type(writer) is http_writer.StreamWriter
+    await writer.write(b"body")
+    assert transport.writes == [b"body"]
+
+
+# --------------------------------------------------------------------------
+# Probe, range, revert.
+
+
+def test_probe_matches_the_range() -> None:
+    fix = by_id(FIX_ID)
+    assert (fix.probe() is not None) == AFFECTED
+    assert fix.in_range() == AFFECTED
+
+
+def test_revert_restores_the_original() -> None:
+    owner = http_writer.StreamWriter
+    original = LEDGER.get_original(owner, "write_headers")
+    with switched(FIX_ID, applied=False):
+        assert vars(owner)["write_headers"] is original
+    with switched(FIX_ID, applied=True) as state:
+        current = vars(owner)["write_headers"]
+        if state.applied:
+            assert current is not original
+            assert current.__wrapped__ is original
+            assert getattr(current, MARKER) == FIX_ID
+        else:
+            assert current is original
+
+
+async def test_reply_after_early_response(
+    fixed: FixState, raw_server: RawHTTPServer
+) -> None:
+    """An early 413 (answered after the head): the client still completes."""
+    raw_server.script.append(Reply(status=413, answer_after=0, close=True))
+    async with aiohttp.ClientSession(timeout=SAFETY) as session:
+        async with session.post(raw_server.url("/upload"), data=b"x" * KiB) as resp:
+            assert resp.status == 413
+    raw_server.assert_clean()
