@@ -35,11 +35,22 @@ from typing import Any, Awaitable, Callable, List, Optional, Sequence
 from aiohttp import client_reqrep, hdrs, payload
 from aiohttp.http_writer import StreamWriter
 
-from .._contract import overlong_policy
+from .._contract import body_of, overlong_policy
 from .._fix import Fix
 from .._ledger import LEDGER, Patch
 
-__all__ = ("FIX", "declared_length", "forwarder", "open_length", "writer_declared")
+__all__ = (
+    "BELOW",
+    "FIX",
+    "below",
+    "bypass",
+    "declared_length",
+    "exact_size",
+    "forwarder",
+    "open_length",
+    "takes_length",
+    "writer_declared",
+)
 
 
 def _validate(values: List[str]) -> None:
@@ -91,15 +102,55 @@ def _build_update_headers(original: Callable[..., Any]) -> Callable[..., Any]:
     return update_headers
 
 
+def takes_length(write_bytes: Callable[..., Any]) -> bool:
+    """Whether a ``write_bytes`` takes 3.12's ``content_length`` argument."""
+    return len(inspect.signature(write_bytes).parameters) > 3
+
+
 def forwarder(original: Callable[..., Any]) -> Callable[..., Awaitable[None]]:
     """Call ``original`` write_bytes with the arguments its release takes."""
-    if len(inspect.signature(original).parameters) > 3:
+    if takes_length(original):
         return original
 
     def forward(self: Any, writer: Any, conn: Any, _length: Any = None) -> Any:
         return original(self, writer, conn)
 
     return forward
+
+
+#: Set on the write_bytes wrappers of the Content-Length contract: the
+#: write_bytes below all of them, which a wrapper may call directly for a body
+#: none of them has anything to do with (see ``exact_size``).
+BELOW = "_payloadfix_below"
+
+#: In-memory payloads whose ``size`` is exactly what they write.
+_EXACT_BODIES = frozenset({payload.BytesPayload, payload.StringPayload})
+
+
+def below(original: Callable[..., Any]) -> Callable[..., Any]:
+    """The write_bytes under ``original`` and any contract wrappers on it."""
+    target: Callable[..., Any] = getattr(original, BELOW, original)
+    return target
+
+
+def exact_size(request: Any) -> bool:
+    """The body is bytes or str and nothing, or exactly its size, is declared.
+
+    Such a body cannot be longer or shorter than declared, and writes exactly
+    the declared bytes: the limit, the short-body and the over-long checks
+    have nothing to do, so the wrappers call the write_bytes below them all.
+    This is the path of nearly every request, so it is kept cheap.
+    """
+    body = body_of(request)
+    if type(body) not in _EXACT_BODIES:
+        return False
+    value = request.headers.get(hdrs.CONTENT_LENGTH)
+    if value is None:
+        return True
+    try:
+        return int(value) == body.size  # type: ignore[no-any-return]
+    except ValueError:
+        return False
 
 
 def writer_declared(request: Any, writer: Any) -> Optional[int]:
@@ -109,19 +160,49 @@ def writer_declared(request: Any, writer: Any) -> Optional[int]:
     return declared_length(request)
 
 
+def bypass(
+    original: Callable[..., Any],
+) -> Callable[[Any, Any, Any, Optional[int]], Optional[Awaitable[None]]]:
+    """For a contract wrapper of ``original``: a function returning, for a
+    request with ``exact_size``, the coroutine of the write_bytes below all
+    contract wrappers, else None (the wrapper then does its work)."""
+    target = below(original)
+    target_takes_length = takes_length(target)
+
+    def skip(
+        self: Any, writer: Any, conn: Any, content_length: Optional[int]
+    ) -> Optional[Awaitable[None]]:
+        if not exact_size(self):
+            return None
+        if content_length is None:
+            if target_takes_length:
+                return None  # a 3.11-style call on 3.12: the length is needed
+            return target(self, writer, conn)  # type: ignore[no-any-return]
+        if target_takes_length:
+            return target(self, writer, conn, content_length)  # type: ignore[no-any-return]
+        return target(self, writer, conn)  # type: ignore[no-any-return]
+
+    return skip
+
+
 def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
     forward = forwarder(original)
+    skip = bypass(original)
 
     # A plain function returning the original's coroutine: no extra frame on
     # the write path of every request.
     def write_bytes(
         self: Any, writer: Any, conn: Any, content_length: Optional[int] = None
     ) -> Awaitable[None]:
+        direct = skip(self, writer, conn, content_length)
+        if direct is not None:
+            return direct
         length = writer_declared(self, writer)
         if length is not None and writer.length is None:
             writer.length = length
         return forward(self, writer, conn, content_length)
 
+    setattr(write_bytes, BELOW, below(original))
     return write_bytes
 
 

@@ -40,7 +40,14 @@ from .._contract import (
 )
 from .._fix import Fix
 from .._ledger import Patch
-from .content_length_limit import forwarder, nbytes, writer_declared
+from .content_length_limit import (
+    BELOW,
+    below,
+    bypass,
+    forwarder,
+    nbytes,
+    writer_declared,
+)
 
 __all__ = ("FIX",)
 
@@ -58,19 +65,25 @@ async def _nothing() -> None:
 
 def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
     forward = forwarder(original)
+    skip = bypass(original)
 
     # A plain function: the common cases return the original's coroutine.
     def write_bytes(
         self: Any, writer: Any, conn: Any, content_length: Optional[int] = None
     ) -> Awaitable[None]:
+        direct = skip(self, writer, conn, content_length)
+        if direct is not None:
+            return direct
         declared = writer_declared(self, writer)
         if declared is None:
+            return forward(self, writer, conn, content_length)
+        body = body_of(self)
+        size = body_size(body)
+        if size is not None and size <= declared:
             return forward(self, writer, conn, content_length)
         policy = overlong_policy()
         if policy == "truncate":
             return forward(self, writer, conn, content_length)
-        body = body_of(self)
-        size = body_size(body)
         if size is None:
             return counted(self, writer, conn, content_length, declared, body, policy)
         if size > declared:
@@ -126,6 +139,7 @@ def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
                     ),
                 )
 
+    setattr(write_bytes, BELOW, below(original))
     return write_bytes
 
 

@@ -30,7 +30,13 @@ from aiohttp import client_reqrep, payload
 from .._contract import ContentLengthError, body_of, body_size, fail, kind, where
 from .._fix import Fix
 from .._ledger import Patch
-from .content_length_limit import forwarder, writer_declared
+from .content_length_limit import (
+    BELOW,
+    below,
+    bypass,
+    forwarder,
+    writer_declared,
+)
 
 __all__ = ("FIX",)
 
@@ -41,11 +47,15 @@ async def _nothing() -> None:
 
 def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
     forward = forwarder(original)
+    skip = bypass(original)
 
     # A plain function: the common cases return the original's coroutine.
     def write_bytes(
         self: Any, writer: Any, conn: Any, content_length: Optional[int] = None
     ) -> Awaitable[None]:
+        direct = skip(self, writer, conn, content_length)
+        if direct is not None:
+            return direct
         declared = writer_declared(self, writer)
         if declared is None:
             return forward(self, writer, conn, content_length)
@@ -90,6 +100,7 @@ def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
             ),
         )
 
+    setattr(write_bytes, BELOW, below(original))
     return write_bytes
 
 

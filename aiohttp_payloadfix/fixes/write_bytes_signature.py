@@ -29,6 +29,7 @@ from aiohttp import client_reqrep
 
 from .._fix import Fix
 from .._ledger import Patch
+from .content_length_limit import BELOW, below
 
 __all__ = ("FIX",)
 
@@ -70,6 +71,9 @@ def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
             content_length = self._get_content_length()
         return original(self, writer, conn, content_length)
 
+    # Given a length it only passes the call on: the contract wrappers above
+    # may go past it (content-length-limit.bypass).
+    setattr(write_bytes, BELOW, below(original))
     return write_bytes
 
 
