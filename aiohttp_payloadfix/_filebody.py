@@ -38,6 +38,7 @@ __all__ = (
     "close_soon",
     "existing_state",
     "guarded",
+    "is_file",
     "payload_generation",
     "read_current",
     "state_of",
@@ -48,6 +49,35 @@ _LOG = logging.getLogger("aiohttp_payloadfix")
 
 #: Closes scheduled in the executor, kept alive until they have run.
 _PENDING_CLOSES: Set[asyncio.Future[None]] = set()
+
+
+#: Never a file: no ABC instance check for these (io.IOBase is an ABC).
+_NOT_FILES = frozenset(
+    {type(None), bytes, bytearray, memoryview, str, dict, list, tuple}
+)
+#: The io classes registered as io.IOBase (io.py registers them).
+_FILES = frozenset(
+    {
+        io.BytesIO,
+        io.StringIO,
+        io.FileIO,
+        io.BufferedReader,
+        io.BufferedWriter,
+        io.BufferedRandom,
+        io.BufferedRWPair,
+        io.TextIOWrapper,
+    }
+)
+
+
+def is_file(obj: Any) -> bool:
+    """``isinstance(obj, io.IOBase)``, without the ABC check for common types."""
+    cls = type(obj)
+    if cls in _NOT_FILES:
+        return False
+    if cls in _FILES or io.IOBase in cls.__mro__:
+        return True
+    return isinstance(obj, io.IOBase)
 
 
 class FileBodyError(ValueError):
@@ -216,7 +246,7 @@ def build_request_scope(
         # A plain function on the fast path: no extra coroutine for other bodies.
         def _request(self: Any, method: str, str_or_url: Any, **kwargs: Any) -> Any:
             data = kwargs.get("data")
-            if not isinstance(data, io.IOBase):
+            if not is_file(data):
                 return original(self, method, str_or_url, **kwargs)
             return _scoped(self, method, str_or_url, data, kwargs)
 
@@ -241,9 +271,12 @@ def build_rewind(original: Callable[..., Any]) -> Callable[..., Any]:
     """``ClientRequest.update_body_from_data`` rewinding a resent file body."""
 
     def update_body_from_data(self: Any, body: Any, *args: Any, **kwargs: Any) -> None:
+        if type(body) in _NOT_FILES:
+            original(self, body, *args, **kwargs)
+            return
         # 3.12.14+ hands a redirect the payload of the first attempt.
-        f = body if isinstance(body, io.IOBase) else getattr(body, "_value", None)
-        if isinstance(f, io.IOBase):
+        f = body if is_file(body) else getattr(body, "_value", None)
+        if is_file(f):
             state = _STATES.get(f)
             if state is not None and state.scopes:
                 _rewind(f, state)

@@ -142,13 +142,17 @@ def measure(
     file_path: str,
     patched: bool,
     workdir: str,
+    disable: Optional[str] = None,
 ) -> Tuple[Dict[str, float], Dict[str, Any]]:
     tag = "patched" if patched else "unpatched"
     out = os.path.join(workdir, f"{tag}.out")
     env = dict(os.environ)
     env.pop("AIOHTTP_PAYLOADFIX_DISABLE", None)
+    env.setdefault("PYTHONHASHSEED", "0")  # the same dict and set layouts each run
     if not patched:
         env["AIOHTTP_PAYLOADFIX_DISABLE"] = "1"
+    elif disable:
+        env["AIOHTTP_PAYLOADFIX_DISABLE"] = disable
     cmd = [
         "valgrind",
         "--tool=callgrind",
@@ -210,6 +214,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         default="both",
         help="which client(s) to measure",
     )
+    parser.add_argument(
+        "--disable",
+        metavar="IDS",
+        help="comma-separated fix ids left out of the patched run (what one fix costs)",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the results here")
     # Internal: the measured client.
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -257,6 +266,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     file_path,
                     patched,
                     workdir,
+                    args.disable,
                 )
     finally:
         if server.stdin is not None:

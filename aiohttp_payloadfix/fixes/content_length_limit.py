@@ -95,6 +95,8 @@ def nbytes(chunk: Any) -> int:
 def _build_update_headers(original: Callable[..., Any]) -> Callable[..., Any]:
     def update_headers(self: Any, headers: Any, *args: Any, **kwargs: Any) -> None:
         original(self, headers, *args, **kwargs)
+        if not headers:
+            return  # nothing from the caller: aiohttp sets the length itself
         values = self.headers.getall(hdrs.CONTENT_LENGTH, ())
         if values:
             _validate(values)
