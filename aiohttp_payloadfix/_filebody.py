@@ -25,7 +25,7 @@ import io
 import logging
 import threading
 import weakref
-from typing import Any, Callable, Optional, Set, TypeVar
+from typing import Any, Callable, Dict, Optional, Set, Tuple, TypeVar
 
 T = TypeVar("T")
 
@@ -113,18 +113,32 @@ class FileState:
         self.close_wanted = False  # a close deferred until the scope ends
 
 
-_STATES: weakref.WeakKeyDictionary[Any, FileState] = weakref.WeakKeyDictionary()
-
-
-def state_of(f: Any) -> FileState:
-    state = _STATES.get(f)
-    if state is None:
-        state = _STATES[f] = FileState()
-    return state
+#: id(file) -> (weak reference to the file, its state). Like a
+#: WeakKeyDictionary, without a new weak reference for every lookup: this is
+#: looked up several times for every file-like request.
+_STATES: Dict[int, Tuple[weakref.ref[Any], FileState]] = {}
 
 
 def existing_state(f: Any) -> Optional[FileState]:
-    return _STATES.get(f)
+    entry = _STATES.get(id(f))
+    if entry is not None and entry[0]() is f:
+        return entry[1]
+    return None
+
+
+def _forget(key: int, ref: weakref.ref[Any]) -> None:
+    entry = _STATES.get(key)
+    if entry is not None and entry[0] is ref:
+        del _STATES[key]
+
+
+def state_of(f: Any) -> FileState:
+    state = existing_state(f)
+    if state is None:
+        state = FileState()
+        key = id(f)
+        _STATES[key] = (weakref.ref(f, lambda ref: _forget(key, ref)), state)
+    return state
 
 
 #: For payloads that read the file themselves (3.12): the generation they
@@ -277,7 +291,7 @@ def build_rewind(original: Callable[..., Any]) -> Callable[..., Any]:
         # 3.12.14+ hands a redirect the payload of the first attempt.
         f = body if is_file(body) else getattr(body, "_value", None)
         if is_file(f):
-            state = _STATES.get(f)
+            state = existing_state(f)
             if state is not None and state.scopes:
                 _rewind(f, state)
                 if f is not body:

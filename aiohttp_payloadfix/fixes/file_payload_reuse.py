@@ -81,7 +81,7 @@ async def _write_file(pl: Any, writer: Any) -> None:
     # overlong-body-warning) without a read after the last byte.
     peek = 1 if limit is not None and limit == remaining and limit != size else 0
     encoding: Optional[str] = None
-    if isinstance(pl, payload.TextIOPayload):
+    if payload.TextIOPayload in type(pl).__mro__:  # no ABC check (Payload is one)
         encoding = pl._encoding or "utf-8"
     in_memory = isinstance(f, io.BytesIO)
     loop = asyncio.get_running_loop()
