@@ -260,7 +260,7 @@ def build_request_scope(
         # A plain function on the fast path: no extra coroutine for other bodies.
         def _request(self: Any, method: str, str_or_url: Any, **kwargs: Any) -> Any:
             data = kwargs.get("data")
-            if not is_file(data):
+            if type(data) in _NOT_FILES or not is_file(data):
                 return original(self, method, str_or_url, **kwargs)
             return _scoped(self, method, str_or_url, data, kwargs)
 
