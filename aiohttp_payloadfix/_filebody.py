@@ -286,7 +286,10 @@ def build_rewind(original: Callable[..., Any]) -> Callable[..., Any]:
 
     def update_body_from_data(self: Any, body: Any, *args: Any, **kwargs: Any) -> None:
         if type(body) in _NOT_FILES:
-            original(self, body, *args, **kwargs)
+            if args or kwargs:
+                original(self, body, *args, **kwargs)
+            else:
+                original(self, body)  # a plain call is cheaper than f(*a, **kw)
             return
         # 3.12.14+ hands a redirect the payload of the first attempt.
         f = body if is_file(body) else getattr(body, "_value", None)

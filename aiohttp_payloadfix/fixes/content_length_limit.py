@@ -30,12 +30,13 @@ Chunked requests (no Content-Length) are not touched.
 from __future__ import annotations
 
 import inspect
+import operator
 from typing import Any, Awaitable, Callable, List, Optional, Sequence
 
 from aiohttp import client_reqrep, hdrs, payload
 from aiohttp.http_writer import StreamWriter
 
-from .._contract import body_of, overlong_policy
+from .._contract import overlong_policy
 from .._fix import Fix
 from .._ledger import LEDGER, Patch
 
@@ -45,7 +46,6 @@ __all__ = (
     "below",
     "bypass",
     "declared_length",
-    "exact_size",
     "forwarder",
     "open_length",
     "takes_length",
@@ -94,7 +94,10 @@ def nbytes(chunk: Any) -> int:
 
 def _build_update_headers(original: Callable[..., Any]) -> Callable[..., Any]:
     def update_headers(self: Any, headers: Any, *args: Any, **kwargs: Any) -> None:
-        original(self, headers, *args, **kwargs)
+        if args or kwargs:
+            original(self, headers, *args, **kwargs)
+        else:
+            original(self, headers)  # a plain call is cheaper than f(*a, **kw)
         if not headers:
             return  # nothing from the caller: aiohttp sets the length itself
         values = self.headers.getall(hdrs.CONTENT_LENGTH, ())
@@ -122,7 +125,7 @@ def forwarder(original: Callable[..., Any]) -> Callable[..., Awaitable[None]]:
 
 #: Set on the write_bytes wrappers of the Content-Length contract: the
 #: write_bytes below all of them, which a wrapper may call directly for a body
-#: none of them has anything to do with (see ``exact_size``).
+#: none of them has anything to do with (see ``bypass``).
 BELOW = "_payloadfix_below"
 
 #: In-memory payloads whose ``size`` is exactly what they write.
@@ -135,26 +138,6 @@ def below(original: Callable[..., Any]) -> Callable[..., Any]:
     return target
 
 
-def exact_size(request: Any) -> bool:
-    """The body is bytes or str and nothing, or exactly its size, is declared.
-
-    Such a body cannot be longer or shorter than declared, and writes exactly
-    the declared bytes: the limit, the short-body and the over-long checks
-    have nothing to do, so the wrappers call the write_bytes below them all.
-    This is the path of nearly every request, so it is kept cheap.
-    """
-    body = body_of(request)
-    if type(body) not in _EXACT_BODIES:
-        return False
-    value = request.headers.get(hdrs.CONTENT_LENGTH)
-    if value is None:
-        return True
-    try:
-        return int(value) == body.size  # type: ignore[no-any-return]
-    except ValueError:
-        return False
-
-
 def writer_declared(request: Any, writer: Any) -> Optional[int]:
     """The declared length, when ``writer`` is the request's own StreamWriter."""
     if not isinstance(writer, StreamWriter):
@@ -162,20 +145,43 @@ def writer_declared(request: Any, writer: Any) -> Optional[int]:
     return declared_length(request)
 
 
+#: The request's body as write_bytes sends it: 3.12.8+ keep it in ``_body``
+#: (``body`` is a property there); before, it is the ``body`` attribute.
+_body_of = operator.attrgetter(
+    "_body"
+    if isinstance(vars(client_reqrep.ClientRequest).get("body"), property)
+    else "body"
+)
+
+
 def bypass(
     original: Callable[..., Any],
 ) -> Callable[[Any, Any, Any, Optional[int]], Optional[Awaitable[None]]]:
-    """For a contract wrapper of ``original``: a function returning, for a
-    request with ``exact_size``, the coroutine of the write_bytes below all
-    contract wrappers, else None (the wrapper then does its work)."""
+    """For a contract wrapper of ``original``: a function returning the
+    coroutine of the write_bytes below all contract wrappers when the request
+    needs none of them, else None (the wrapper then does its work).
+
+    None of them has anything to do when the body is bytes or str and nothing,
+    or exactly its size, is declared: it can be neither longer nor shorter than
+    declared, and it writes exactly the declared bytes. That is the path of
+    nearly every request, so it is kept cheap.
+    """
     target = below(original)
     target_takes_length = takes_length(target)
 
     def skip(
         self: Any, writer: Any, conn: Any, content_length: Optional[int]
     ) -> Optional[Awaitable[None]]:
-        if not exact_size(self):
+        body = _body_of(self)
+        if type(body) not in _EXACT_BODIES:
             return None
+        value = self.headers.get(hdrs.CONTENT_LENGTH)
+        if value is not None:
+            try:
+                if int(value) != body.size:
+                    return None
+            except ValueError:
+                return None
         if content_length is None:
             if target_takes_length:
                 return None  # a 3.11-style call on 3.12: the length is needed
