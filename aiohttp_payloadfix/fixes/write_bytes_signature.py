@@ -78,7 +78,8 @@ def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _build_send(original: Callable[..., Any]) -> Callable[..., Any]:
-    async def send(self: Any, conn: Any) -> Any:
+    # A plain function returning the original's coroutine: no extra frame.
+    def send(self: Any, conn: Any) -> Any:
         cls = type(self)
         if cls is not client_reqrep.ClientRequest and _takes_two(cls):
             override = cls.write_bytes
@@ -87,7 +88,7 @@ def _build_send(original: Callable[..., Any]) -> Callable[..., Any]:
                 return override(self, writer, conn)
 
             self.write_bytes = write_bytes
-        return await original(self, conn)
+        return original(self, conn)
 
     return send
 
