@@ -31,12 +31,12 @@ from __future__ import annotations
 
 import inspect
 import operator
-from typing import Any, Awaitable, Callable, List, Optional, Sequence
+from typing import Any, Awaitable, Callable, List, Optional, Sequence, Tuple
 
 from aiohttp import client_reqrep, hdrs, payload
 from aiohttp.http_writer import StreamWriter
 
-from .._contract import overlong_policy
+from .._contract import body_of, body_size, overlong_policy
 from .._fix import Fix
 from .._ledger import LEDGER, Patch
 
@@ -45,6 +45,7 @@ __all__ = (
     "FIX",
     "below",
     "bypass",
+    "declared_body",
     "declared_length",
     "forwarder",
     "open_length",
@@ -138,11 +139,40 @@ def below(original: Callable[..., Any]) -> Callable[..., Any]:
     return target
 
 
-def writer_declared(request: Any, writer: Any) -> Optional[int]:
-    """The declared length, when ``writer`` is the request's own StreamWriter."""
+#: Kept on a request while it is written: (id of its writer, what
+#: ``declared_body`` found). Each contract wrapper asks, one after the other.
+_SENDING = "_payloadfix_sending"
+
+
+def declared_body(
+    request: Any, writer: Any
+) -> Optional[Tuple[int, Any, Optional[int]]]:
+    """``(declared length, body, body size or None)`` when ``writer`` is the
+    request's own StreamWriter and a Content-Length is declared, else None.
+
+    Worked out once per write: the wrappers of write_bytes run one after the
+    other, synchronously, and all ask.
+    """
     if not isinstance(writer, StreamWriter):
         return None
-    return declared_length(request)
+    cached = getattr(request, _SENDING, None)
+    if cached is not None and cached[0] == id(writer):
+        found: Optional[Tuple[int, Any, Optional[int]]] = cached[1]
+        return found
+    declared = declared_length(request)
+    if declared is None:
+        found = None
+    else:
+        body = body_of(request)
+        found = (declared, body, body_size(body))
+    request.__dict__[_SENDING] = (id(writer), found)
+    return found
+
+
+def writer_declared(request: Any, writer: Any) -> Optional[int]:
+    """The declared length, when ``writer`` is the request's own StreamWriter."""
+    found = declared_body(request, writer)
+    return None if found is None else found[0]
 
 
 #: The request's body as write_bytes sends it: 3.12.8+ keep it in ``_body``

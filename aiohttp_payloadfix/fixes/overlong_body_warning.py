@@ -31,8 +31,6 @@ from aiohttp import client_reqrep
 from .._contract import (
     LOG,
     ContentLengthError,
-    body_of,
-    body_size,
     fail,
     kind,
     overlong_policy,
@@ -44,9 +42,9 @@ from .content_length_limit import (
     BELOW,
     below,
     bypass,
+    declared_body,
     forwarder,
     nbytes,
-    writer_declared,
 )
 
 __all__ = ("FIX",)
@@ -74,11 +72,10 @@ def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
         direct = skip(self, writer, conn, content_length)
         if direct is not None:
             return direct
-        declared = writer_declared(self, writer)
-        if declared is None:
+        found = declared_body(self, writer)
+        if found is None:
             return forward(self, writer, conn, content_length)
-        body = body_of(self)
-        size = body_size(body)
+        declared, body, size = found
         if size is not None and size <= declared:
             return forward(self, writer, conn, content_length)
         policy = overlong_policy()

@@ -27,15 +27,15 @@ from typing import Any, Awaitable, Callable, Optional, Sequence
 
 from aiohttp import client_reqrep, payload
 
-from .._contract import ContentLengthError, body_of, body_size, fail, kind, where
+from .._contract import ContentLengthError, fail, kind, where
 from .._fix import Fix
 from .._ledger import Patch
 from .content_length_limit import (
     BELOW,
     below,
     bypass,
+    declared_body,
     forwarder,
-    writer_declared,
 )
 
 __all__ = ("FIX",)
@@ -56,11 +56,10 @@ def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
         direct = skip(self, writer, conn, content_length)
         if direct is not None:
             return direct
-        declared = writer_declared(self, writer)
-        if declared is None:
+        found = declared_body(self, writer)
+        if found is None:
             return forward(self, writer, conn, content_length)
-        body = body_of(self)
-        size = body_size(body)
+        declared, body, size = found
         if size is not None and size < declared:
             fail(
                 conn,
