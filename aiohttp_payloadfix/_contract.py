@@ -19,6 +19,7 @@ __all__ = (
     "body_size",
     "configure",
     "fail",
+    "is_payload",
     "overlong_policy",
     "where",
 )
@@ -91,13 +92,30 @@ def body_of(request: Any) -> Any:
     return body if body is not None else request.body
 
 
+#: Bodies that are certainly not payloads: no ABC instance check for them.
+_PLAIN = frozenset({type(None), bytes, bytearray, memoryview, str})
+
+
+def is_payload(body: Any) -> bool:
+    """``isinstance(body, payload.Payload)``, cheap for the common types.
+
+    ``Payload`` is an ABC, whose instance check runs Python code; its real
+    subclasses are found in the MRO first.
+    """
+    cls = type(body)
+    if payload.Payload in cls.__mro__:
+        return True
+    return cls not in _PLAIN and isinstance(body, payload.Payload)
+
+
 def body_size(body: Any) -> Optional[int]:
     """The size of the body when known before sending, else None."""
-    if isinstance(body, payload.Payload):
+    if is_payload(body):
         try:
-            return body.size
+            size: Optional[int] = body.size
         except (OSError, ValueError):
             return None
+        return size
     if isinstance(body, (bytes, bytearray)):
         return len(body)
     return None
@@ -113,7 +131,7 @@ def where(request: Any) -> str:
 def kind(body: Any) -> str:
     value = getattr(body, "_value", None)
     name = type(body).__name__
-    if value is not None and isinstance(body, payload.Payload):
+    if value is not None and is_payload(body):
         return f"{name} of {type(value).__name__}"
     return name
 

@@ -25,7 +25,7 @@ import io
 import logging
 import threading
 import weakref
-from typing import Any, Callable, Optional, Set, TypeVar
+from typing import Any, Callable, Dict, Optional, Set, Tuple, TypeVar
 
 T = TypeVar("T")
 
@@ -38,6 +38,7 @@ __all__ = (
     "close_soon",
     "existing_state",
     "guarded",
+    "is_file",
     "payload_generation",
     "read_current",
     "state_of",
@@ -48,6 +49,35 @@ _LOG = logging.getLogger("aiohttp_payloadfix")
 
 #: Closes scheduled in the executor, kept alive until they have run.
 _PENDING_CLOSES: Set[asyncio.Future[None]] = set()
+
+
+#: Never a file: no ABC instance check for these (io.IOBase is an ABC).
+_NOT_FILES = frozenset(
+    {type(None), bytes, bytearray, memoryview, str, dict, list, tuple}
+)
+#: The io classes registered as io.IOBase (io.py registers them).
+_FILES = frozenset(
+    {
+        io.BytesIO,
+        io.StringIO,
+        io.FileIO,
+        io.BufferedReader,
+        io.BufferedWriter,
+        io.BufferedRandom,
+        io.BufferedRWPair,
+        io.TextIOWrapper,
+    }
+)
+
+
+def is_file(obj: Any) -> bool:
+    """``isinstance(obj, io.IOBase)``, without the ABC check for common types."""
+    cls = type(obj)
+    if cls in _NOT_FILES:
+        return False
+    if cls in _FILES or io.IOBase in cls.__mro__:
+        return True
+    return isinstance(obj, io.IOBase)
 
 
 class FileBodyError(ValueError):
@@ -83,18 +113,32 @@ class FileState:
         self.close_wanted = False  # a close deferred until the scope ends
 
 
-_STATES: weakref.WeakKeyDictionary[Any, FileState] = weakref.WeakKeyDictionary()
-
-
-def state_of(f: Any) -> FileState:
-    state = _STATES.get(f)
-    if state is None:
-        state = _STATES[f] = FileState()
-    return state
+#: id(file) -> (weak reference to the file, its state). Like a
+#: WeakKeyDictionary, without a new weak reference for every lookup: this is
+#: looked up several times for every file-like request.
+_STATES: Dict[int, Tuple[weakref.ref[Any], FileState]] = {}
 
 
 def existing_state(f: Any) -> Optional[FileState]:
-    return _STATES.get(f)
+    entry = _STATES.get(id(f))
+    if entry is not None and entry[0]() is f:
+        return entry[1]
+    return None
+
+
+def _forget(key: int, ref: weakref.ref[Any]) -> None:
+    entry = _STATES.get(key)
+    if entry is not None and entry[0] is ref:
+        del _STATES[key]
+
+
+def state_of(f: Any) -> FileState:
+    state = existing_state(f)
+    if state is None:
+        state = FileState()
+        key = id(f)
+        _STATES[key] = (weakref.ref(f, lambda ref: _forget(key, ref)), state)
+    return state
 
 
 #: For payloads that read the file themselves (3.12): the generation they
@@ -216,7 +260,7 @@ def build_request_scope(
         # A plain function on the fast path: no extra coroutine for other bodies.
         def _request(self: Any, method: str, str_or_url: Any, **kwargs: Any) -> Any:
             data = kwargs.get("data")
-            if not isinstance(data, io.IOBase):
+            if type(data) in _NOT_FILES or not is_file(data):
                 return original(self, method, str_or_url, **kwargs)
             return _scoped(self, method, str_or_url, data, kwargs)
 
@@ -241,10 +285,16 @@ def build_rewind(original: Callable[..., Any]) -> Callable[..., Any]:
     """``ClientRequest.update_body_from_data`` rewinding a resent file body."""
 
     def update_body_from_data(self: Any, body: Any, *args: Any, **kwargs: Any) -> None:
+        if type(body) in _NOT_FILES:
+            if args or kwargs:
+                original(self, body, *args, **kwargs)
+            else:
+                original(self, body)  # a plain call is cheaper than f(*a, **kw)
+            return
         # 3.12.14+ hands a redirect the payload of the first attempt.
-        f = body if isinstance(body, io.IOBase) else getattr(body, "_value", None)
-        if isinstance(f, io.IOBase):
-            state = _STATES.get(f)
+        f = body if is_file(body) else getattr(body, "_value", None)
+        if is_file(f):
+            state = existing_state(f)
             if state is not None and state.scopes:
                 _rewind(f, state)
                 if f is not body:

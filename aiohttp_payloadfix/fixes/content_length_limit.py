@@ -30,16 +30,28 @@ Chunked requests (no Content-Length) are not touched.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Awaitable, Callable, List, Optional, Sequence
+import operator
+from typing import Any, Awaitable, Callable, List, Optional, Sequence, Tuple
 
 from aiohttp import client_reqrep, hdrs, payload
 from aiohttp.http_writer import StreamWriter
 
-from .._contract import overlong_policy
+from .._contract import body_of, body_size, overlong_policy
 from .._fix import Fix
 from .._ledger import LEDGER, Patch
 
-__all__ = ("FIX", "declared_length", "forwarder", "open_length", "writer_declared")
+__all__ = (
+    "BELOW",
+    "FIX",
+    "below",
+    "bypass",
+    "declared_body",
+    "declared_length",
+    "forwarder",
+    "open_length",
+    "takes_length",
+    "writer_declared",
+)
 
 
 def _validate(values: List[str]) -> None:
@@ -83,7 +95,12 @@ def nbytes(chunk: Any) -> int:
 
 def _build_update_headers(original: Callable[..., Any]) -> Callable[..., Any]:
     def update_headers(self: Any, headers: Any, *args: Any, **kwargs: Any) -> None:
-        original(self, headers, *args, **kwargs)
+        if args or kwargs:
+            original(self, headers, *args, **kwargs)
+        else:
+            original(self, headers)  # a plain call is cheaper than f(*a, **kw)
+        if not headers:
+            return  # nothing from the caller: aiohttp sets the length itself
         values = self.headers.getall(hdrs.CONTENT_LENGTH, ())
         if values:
             _validate(values)
@@ -91,9 +108,14 @@ def _build_update_headers(original: Callable[..., Any]) -> Callable[..., Any]:
     return update_headers
 
 
+def takes_length(write_bytes: Callable[..., Any]) -> bool:
+    """Whether a ``write_bytes`` takes 3.12's ``content_length`` argument."""
+    return len(inspect.signature(write_bytes).parameters) > 3
+
+
 def forwarder(original: Callable[..., Any]) -> Callable[..., Awaitable[None]]:
     """Call ``original`` write_bytes with the arguments its release takes."""
-    if len(inspect.signature(original).parameters) > 3:
+    if takes_length(original):
         return original
 
     def forward(self: Any, writer: Any, conn: Any, _length: Any = None) -> Any:
@@ -102,26 +124,123 @@ def forwarder(original: Callable[..., Any]) -> Callable[..., Awaitable[None]]:
     return forward
 
 
-def writer_declared(request: Any, writer: Any) -> Optional[int]:
-    """The declared length, when ``writer`` is the request's own StreamWriter."""
+#: Set on the write_bytes wrappers of the Content-Length contract: the
+#: write_bytes below all of them, which a wrapper may call directly for a body
+#: none of them has anything to do with (see ``bypass``).
+BELOW = "_payloadfix_below"
+
+#: In-memory payloads whose ``size`` is exactly what they write.
+_EXACT_BODIES = frozenset({payload.BytesPayload, payload.StringPayload})
+
+
+def below(original: Callable[..., Any]) -> Callable[..., Any]:
+    """The write_bytes under ``original`` and any contract wrappers on it."""
+    target: Callable[..., Any] = getattr(original, BELOW, original)
+    return target
+
+
+#: Kept on a request while it is written: (id of its writer, what
+#: ``declared_body`` found). Each contract wrapper asks, one after the other.
+_SENDING = "_payloadfix_sending"
+
+
+def declared_body(
+    request: Any, writer: Any
+) -> Optional[Tuple[int, Any, Optional[int]]]:
+    """``(declared length, body, body size or None)`` when ``writer`` is the
+    request's own StreamWriter and a Content-Length is declared, else None.
+
+    Worked out once per write: the wrappers of write_bytes run one after the
+    other, synchronously, and all ask.
+    """
     if not isinstance(writer, StreamWriter):
         return None
-    return declared_length(request)
+    cached = getattr(request, _SENDING, None)
+    if cached is not None and cached[0] == id(writer):
+        found: Optional[Tuple[int, Any, Optional[int]]] = cached[1]
+        return found
+    declared = declared_length(request)
+    if declared is None:
+        found = None
+    else:
+        body = body_of(request)
+        found = (declared, body, body_size(body))
+    request.__dict__[_SENDING] = (id(writer), found)
+    return found
+
+
+def writer_declared(request: Any, writer: Any) -> Optional[int]:
+    """The declared length, when ``writer`` is the request's own StreamWriter."""
+    found = declared_body(request, writer)
+    return None if found is None else found[0]
+
+
+#: The request's body as write_bytes sends it: 3.12.8+ keep it in ``_body``
+#: (``body`` is a property there); before, it is the ``body`` attribute.
+_body_of = operator.attrgetter(
+    "_body"
+    if isinstance(vars(client_reqrep.ClientRequest).get("body"), property)
+    else "body"
+)
+
+
+def bypass(
+    original: Callable[..., Any],
+) -> Callable[[Any, Any, Any, Optional[int]], Optional[Awaitable[None]]]:
+    """For a contract wrapper of ``original``: a function returning the
+    coroutine of the write_bytes below all contract wrappers when the request
+    needs none of them, else None (the wrapper then does its work).
+
+    None of them has anything to do when the body is bytes or str and nothing,
+    or exactly its size, is declared: it can be neither longer nor shorter than
+    declared, and it writes exactly the declared bytes. That is the path of
+    nearly every request, so it is kept cheap.
+    """
+    target = below(original)
+    target_takes_length = takes_length(target)
+
+    def skip(
+        self: Any, writer: Any, conn: Any, content_length: Optional[int]
+    ) -> Optional[Awaitable[None]]:
+        body = _body_of(self)
+        if type(body) not in _EXACT_BODIES:
+            return None
+        value = self.headers.get(hdrs.CONTENT_LENGTH)
+        if value is not None:
+            try:
+                if int(value) != body.size:
+                    return None
+            except ValueError:
+                return None
+        if content_length is None:
+            if target_takes_length:
+                return None  # a 3.11-style call on 3.12: the length is needed
+            return target(self, writer, conn)  # type: ignore[no-any-return]
+        if target_takes_length:
+            return target(self, writer, conn, content_length)  # type: ignore[no-any-return]
+        return target(self, writer, conn)  # type: ignore[no-any-return]
+
+    return skip
 
 
 def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
     forward = forwarder(original)
+    skip = bypass(original)
 
     # A plain function returning the original's coroutine: no extra frame on
     # the write path of every request.
     def write_bytes(
         self: Any, writer: Any, conn: Any, content_length: Optional[int] = None
     ) -> Awaitable[None]:
+        direct = skip(self, writer, conn, content_length)
+        if direct is not None:
+            return direct
         length = writer_declared(self, writer)
         if length is not None and writer.length is None:
             writer.length = length
         return forward(self, writer, conn, content_length)
 
+    setattr(write_bytes, BELOW, below(original))
     return write_bytes
 
 

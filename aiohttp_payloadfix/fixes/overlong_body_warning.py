@@ -31,8 +31,6 @@ from aiohttp import client_reqrep
 from .._contract import (
     LOG,
     ContentLengthError,
-    body_of,
-    body_size,
     fail,
     kind,
     overlong_policy,
@@ -40,7 +38,14 @@ from .._contract import (
 )
 from .._fix import Fix
 from .._ledger import Patch
-from .content_length_limit import forwarder, nbytes, writer_declared
+from .content_length_limit import (
+    BELOW,
+    below,
+    bypass,
+    declared_body,
+    forwarder,
+    nbytes,
+)
 
 __all__ = ("FIX",)
 
@@ -58,19 +63,24 @@ async def _nothing() -> None:
 
 def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
     forward = forwarder(original)
+    skip = bypass(original)
 
     # A plain function: the common cases return the original's coroutine.
     def write_bytes(
         self: Any, writer: Any, conn: Any, content_length: Optional[int] = None
     ) -> Awaitable[None]:
-        declared = writer_declared(self, writer)
-        if declared is None:
+        direct = skip(self, writer, conn, content_length)
+        if direct is not None:
+            return direct
+        found = declared_body(self, writer)
+        if found is None:
+            return forward(self, writer, conn, content_length)
+        declared, body, size = found
+        if size is not None and size <= declared:
             return forward(self, writer, conn, content_length)
         policy = overlong_policy()
         if policy == "truncate":
             return forward(self, writer, conn, content_length)
-        body = body_of(self)
-        size = body_size(body)
         if size is None:
             return counted(self, writer, conn, content_length, declared, body, policy)
         if size > declared:
@@ -126,6 +136,7 @@ def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
                     ),
                 )
 
+    setattr(write_bytes, BELOW, below(original))
     return write_bytes
 
 

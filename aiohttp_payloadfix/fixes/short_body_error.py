@@ -27,10 +27,16 @@ from typing import Any, Awaitable, Callable, Optional, Sequence
 
 from aiohttp import client_reqrep, payload
 
-from .._contract import ContentLengthError, body_of, body_size, fail, kind, where
+from .._contract import ContentLengthError, fail, kind, where
 from .._fix import Fix
 from .._ledger import Patch
-from .content_length_limit import forwarder, writer_declared
+from .content_length_limit import (
+    BELOW,
+    below,
+    bypass,
+    declared_body,
+    forwarder,
+)
 
 __all__ = ("FIX",)
 
@@ -41,16 +47,19 @@ async def _nothing() -> None:
 
 def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
     forward = forwarder(original)
+    skip = bypass(original)
 
     # A plain function: the common cases return the original's coroutine.
     def write_bytes(
         self: Any, writer: Any, conn: Any, content_length: Optional[int] = None
     ) -> Awaitable[None]:
-        declared = writer_declared(self, writer)
-        if declared is None:
+        direct = skip(self, writer, conn, content_length)
+        if direct is not None:
+            return direct
+        found = declared_body(self, writer)
+        if found is None:
             return forward(self, writer, conn, content_length)
-        body = body_of(self)
-        size = body_size(body)
+        declared, body, size = found
         if size is not None and size < declared:
             fail(
                 conn,
@@ -90,6 +99,7 @@ def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
             ),
         )
 
+    setattr(write_bytes, BELOW, below(original))
     return write_bytes
 
 

@@ -29,6 +29,7 @@ from aiohttp import client_reqrep
 
 from .._fix import Fix
 from .._ledger import Patch
+from .content_length_limit import BELOW, below
 
 __all__ = ("FIX",)
 
@@ -70,11 +71,15 @@ def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
             content_length = self._get_content_length()
         return original(self, writer, conn, content_length)
 
+    # Given a length it only passes the call on: the contract wrappers above
+    # may go past it (content-length-limit.bypass).
+    setattr(write_bytes, BELOW, below(original))
     return write_bytes
 
 
 def _build_send(original: Callable[..., Any]) -> Callable[..., Any]:
-    async def send(self: Any, conn: Any) -> Any:
+    # A plain function returning the original's coroutine: no extra frame.
+    def send(self: Any, conn: Any) -> Any:
         cls = type(self)
         if cls is not client_reqrep.ClientRequest and _takes_two(cls):
             override = cls.write_bytes
@@ -83,7 +88,7 @@ def _build_send(original: Callable[..., Any]) -> Callable[..., Any]:
                 return override(self, writer, conn)
 
             self.write_bytes = write_bytes
-        return await original(self, conn)
+        return original(self, conn)
 
     return send
 
