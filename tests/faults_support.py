@@ -11,6 +11,7 @@ import hashlib
 import inspect
 import io
 import ssl
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,6 +106,23 @@ class FaultServer(RawHTTPServer):
     async def close(self) -> None:
         self.released.set()
         await super().close()
+
+    async def _serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        if self.tls is not None and sys.version_info < (3, 11):
+            # Before 3.11 asyncio's TLS transport closes only once the peer
+            # answers its close_notify, which a client that has already given
+            # up on the connection never does: end it after a grace period.
+            transport = writer.transport
+            loop = asyncio.get_running_loop()
+
+            def close() -> None:
+                transport.close()
+                loop.call_later(0.5, transport.abort)
+
+            writer.close = close  # type: ignore[method-assign]
+        await super()._serve(reader, writer)
 
     def url(self, path: str = "/") -> URL:
         scheme = "http" if self.tls is None else "https"
