@@ -69,6 +69,21 @@ class Hang(Reply):
     never answer; the connection stays open until the client gives up."""
 
 
+class QueuedRoutes(Dict[str, Reply]):
+    """``RawHTTPServer.routes`` with replies used once each, per target, before
+    the route or the default (the server looks replies up with ``get``)."""
+
+    def __init__(self, queues: Dict[str, List[Reply]]) -> None:
+        super().__init__()
+        self.queues = queues
+
+    def get(self, key: str, default: Any = None) -> Any:
+        queue = self.queues.get(key)
+        if queue:
+            return queue.pop(0)
+        return super().get(key, default)
+
+
 @dataclass
 class Digest:
     size: int = 0
@@ -215,10 +230,11 @@ def assert_complete_bodies(requests: List[RawRequest], data: bytes) -> None:
     """What reached the server complete is the whole body; what did not is
     a prefix of it."""
     for r in requests:
+        where = f"{r.method} {r.target}: {len(r.body)} of {len(data)} bytes"
         if r.complete:
-            assert r.body == data
+            assert r.body == data, f"{where}, complete but not the body"
         else:
-            assert data.startswith(r.body)
+            assert data.startswith(r.body), f"{where}, not a prefix of the body"
 
 
 # --------------------------------------------------------------------------

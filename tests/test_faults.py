@@ -43,6 +43,7 @@ from faults_support import (
     wait_for,
 )
 
+import aiohttp_payloadfix
 from aiohttp_payloadfix._fix import AIOHTTP_VERSION
 
 NEXT_BODY = b"next request"
@@ -124,10 +125,14 @@ def body_path(tmp_path: Path) -> Callable[[int], Tuple[Path, bytes]]:
     return make
 
 
+#: 3.12.0-3.12.7 close a BytesIO body after writing it (3.12.8 stopped).
+BYTESIO_CLOSED_AFTER_WRITE = (3, 12, 0) <= AIOHTTP_VERSION < (3, 12, 8)
+
+
 async def check_body_object(kind: Kind, body: Any) -> None:
     if kind.closes:
         await eventually_closed([body])
-    if kind.stays_open:
+    if kind.stays_open and not BYTESIO_CLOSED_AFTER_WRITE:
         assert not body.closed
 
 
@@ -475,7 +480,9 @@ async def test_server_closes_mid_put_of_file(
     await server.settle()
     assert_never_reused_in_doubt(server)
     assert_complete_bodies(uploads(server), data)
-    if AIOHTTP_VERSION >= (3, 10, 0):
+    if kind.stays_open and BYTESIO_CLOSED_AFTER_WRITE:
+        assert isinstance(error, aiohttp_payloadfix.FileBodyError)
+    elif AIOHTTP_VERSION >= (3, 10, 0):
         assert error is None
         assert uploads(server)[-1].complete
     else:

@@ -34,6 +34,7 @@ from faults_support import (
     SAFETY,
     FaultServer,
     Opened,
+    QueuedRoutes,
     assert_complete_bodies,
     assert_never_reused_in_doubt,
     content,
@@ -104,9 +105,10 @@ def to(server: FaultServer, target: str) -> List[RawRequest]:
 
 
 async def after_call(body: IO[Any]) -> None:
-    """A file the call closes is closed; a BytesIO is left open."""
+    """A file the call closes is closed; a BytesIO is left open (but
+    3.12.0-3.12.7 close it after writing it)."""
     if isinstance(body, io.BytesIO):
-        assert not body.closed
+        assert body.closed == BYTESIO_CLOSED_AFTER_WRITE
     else:
         await eventually_closed([body])
 
@@ -138,6 +140,18 @@ async def call(
     return error
 
 
+def assert_closed_bytesio_error(error: Optional[BaseException]) -> None:
+    """3.12.0-3.12.7 closed the BytesIO after the first write: the resend
+    fails. With FileBodyError when the file was closed before the resend was
+    built; when the redirect came before the first write had ended (and
+    closed it), with aiohttp's own "I/O operation on closed file"."""
+    if isinstance(error, aiohttp_payloadfix.FileBodyError):
+        assert "closed" in str(error)
+    else:
+        assert isinstance(error, aiohttp.ClientConnectionError)
+        assert "closed file" in str(error)
+
+
 # --------------------------------------------------------------------------
 # A stale pooled connection.
 
@@ -167,7 +181,7 @@ async def test_stale_connection_resend(
             error, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
         )
     elif opener is _bytesio and BYTESIO_CLOSED_AFTER_WRITE:
-        assert isinstance(error, aiohttp_payloadfix.FileBodyError)
+        assert_closed_bytesio_error(error)
     else:
         assert error is None
         first, retry = to(server, "/upload")
@@ -256,10 +270,10 @@ async def test_redirected_put(
             assert resp.status == 200
     await server.settle()
     assert_never_reused_in_doubt(server)
-    assert_complete_bodies(server.requests[:-1], data)
+    assert_complete_bodies([r for r in server.requests if r.target != "/next"], data)
     if opener is _bytesio and BYTESIO_CLOSED_AFTER_WRITE:
-        assert isinstance(error, aiohttp_payloadfix.FileBodyError)
-        assert to(server, "/to") == []
+        assert_closed_bytesio_error(error)
+        assert [r.complete for r in to(server, "/to")] in ([], [False])
     else:
         assert error is None
         assert [(r.status, r.body) for r in to(server, "/to")] == [(200, data)]
@@ -278,16 +292,18 @@ async def test_redirect_then_stale_connection(
     """One call sends the body three times: the 307, the redirected request on
     the same (now stale) connection, which the server drops, and its retry."""
     path, data = body_path(500_000)
-    server.script = [
-        Reply(status=307, headers=(("Location", "/to"),)),
-        Reply(drop=True, answer_after=100_000),
-    ]
+    server.routes = QueuedRoutes(
+        {
+            "/upload": [Reply(status=307, headers=(("Location", "/to"),))],
+            "/to": [Reply(drop=True, answer_after=100_000)],
+        }
+    )
     body = opened.add(opener(path))
     error = await call(server, connections, "PUT", body, warm=False)
     assert_never_reused_in_doubt(server)
     assert_complete_bodies([r for r in server.requests if r.target != "/next"], data)
     if opener is _bytesio and BYTESIO_CLOSED_AFTER_WRITE:
-        assert isinstance(error, aiohttp_payloadfix.FileBodyError)
+        assert_closed_bytesio_error(error)
     else:
         assert error is None
         assert [r.status for r in to(server, "/to")] == [None, 200]
