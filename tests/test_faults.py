@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import io
 from dataclasses import dataclass
@@ -144,16 +145,17 @@ async def check_body_object(kind: Kind, body: Any) -> None:
 MAX_ITERATIONS = 5000
 
 
-@pytest.mark.skipif(RESPONSE_CLOSE_POOLS, reason=POOLS_REASON)
-@pytest.mark.parametrize("kind", KINDS, ids=_kid)
-async def test_cancel_after_every_loop_iteration(
+async def cancel_sweep(
     kind: Kind,
     server: FaultServer,
     connections: ConnectionCounter,
-    body_path: Callable[[int], Tuple[Path, bytes]],
+    path: Path,
+    data: bytes,
     opened: Opened,
-) -> None:
-    path, data = body_path(150_000)
+) -> int:
+    """Upload, cancelled after n loop iterations, for n = 0, 1, 2, ... until
+    the upload completes first; after each, the next request must work.
+    Returns how many uploads were cancelled."""
     cancelled = 0
     async with connections.session(timeout=SAFETY) as session:
         started: List[Any] = []
@@ -182,17 +184,59 @@ async def test_cancel_after_every_loop_iteration(
                 cancelled += 1
             await next_request_works(session, server)
             if started and started[-1] is body:
-                # Cancelled before it started, aiohttp never got the body.
+                # (A task cancelled before it ran never handed over the body.)
                 await check_body_object(kind, body)
             if finished:
                 break
         else:
             pytest.fail(f"the upload never completed within {MAX_ITERATIONS} steps")
     await server.settle()
-    assert cancelled > 0
+    return cancelled
+
+
+@pytest.mark.skipif(RESPONSE_CLOSE_POOLS, reason=POOLS_REASON)
+@pytest.mark.parametrize("kind", KINDS, ids=_kid)
+async def test_cancel_after_every_loop_iteration(
+    kind: Kind,
+    server: FaultServer,
+    connections: ConnectionCounter,
+    body_path: Callable[[int], Tuple[Path, bytes]],
+    opened: Opened,
+) -> None:
+    path, data = body_path(150_000)
+    cancelled = await cancel_sweep(kind, server, connections, path, data, opened)
+    assert cancelled > 1
     assert_never_reused_in_doubt(server)
     assert_complete_bodies(uploads(server), data)
     assert [r.status for r in uploads(server) if r.complete][-1:] == [200]
+
+
+@pytest.mark.skipif(RESPONSE_CLOSE_POOLS, reason=POOLS_REASON)
+async def test_cancel_after_every_loop_iteration_bug_reproduces(
+    server: FaultServer,
+    connections: ConnectionCounter,
+    body_path: Callable[[int], Tuple[Path, bytes]],
+    opened: Opened,
+) -> None:
+    """As released, 3.9-3.10.5 end a cancelled write of a chunked body with
+    the end of the message on a connection the cancelled request closed: the
+    write task fails with nobody to retrieve it."""
+    kind = KINDS[-1]
+    assert kind.name == "async generator"
+    if not fix_needed("cancelled-upload-close"):
+        pytest.skip(f"aiohttp {aiohttp.__version__} closes a half-sent connection")
+    path, data = body_path(150_000)
+    loop = asyncio.get_running_loop()
+    reported: List[str] = []
+    loop.set_exception_handler(lambda _loop, ctx: reported.append(ctx["message"]))
+    try:
+        with released():
+            await cancel_sweep(kind, server, connections, path, data, opened)
+        gc.collect()
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(None)
+    assert "Task exception was never retrieved" in reported
 
 
 # --------------------------------------------------------------------------
