@@ -27,6 +27,7 @@ from typing import Any, AsyncIterator, Callable, Iterator, List, Optional, Tuple
 import aiohttp
 import pytest
 import pytest_asyncio
+from aiohttp import base_protocol
 from conftest import ConnectionCounter, Reply, fix_needed
 from faults_support import (
     POOLS_REASON,
@@ -645,6 +646,7 @@ async def test_slow_server_50_mib(
     connections: ConnectionCounter,
     tmp_path: Path,
     opened: Opened,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     size = 50 * 2**20
     block = hashlib.sha256(b"seed").digest() * 2048  # 64 KiB
@@ -658,6 +660,14 @@ async def test_slow_server_50_mib(
             expected.update(chunk)
     server.slow, server.pause = 2**16, 0.0002
     server.hash_bodies = True
+    pauses: List[object] = []
+    pause_writing = base_protocol.BaseProtocol.pause_writing
+
+    def counted(self: base_protocol.BaseProtocol) -> None:
+        pauses.append(self)
+        pause_writing(self)
+
+    monkeypatch.setattr(base_protocol.BaseProtocol, "pause_writing", counted)
 
     async def file_chunks() -> AsyncIterator[bytes]:
         with open(path, "rb") as f:
@@ -680,5 +690,8 @@ async def test_slow_server_50_mib(
     digest = server.digest(upload_request)
     assert (digest.size, digest.sha256) == (size, expected.hexdigest())
     assert connections.created == 1
+    # The client's transport told it to stop writing: backpressure happened.
+    # (The server's own protocol is a StreamReaderProtocol, not counted.)
+    assert pauses
     if kind == "open(rb)":
         await eventually_closed([body])
