@@ -253,6 +253,7 @@ class Body:
     async def close(self) -> None:
         for f in self.opened:
             f.close()
+            Path(f.name).unlink(missing_ok=True)
         if inspect.isasyncgen(self.data):
             await self.data.aclose()
 
@@ -281,7 +282,7 @@ class BodyMaker:
 
     def _file(self, data: bytes) -> Path:
         self.files += 1
-        path = self.folder / f"body-{self.files % 64}"
+        path = self.folder / f"body-{self.files}"
         path.write_bytes(data)
         return path
 

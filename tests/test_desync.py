@@ -28,6 +28,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Counter, Dict, Iterator, Optional
@@ -367,6 +368,7 @@ def harness(tmp_path: Path) -> Iterator[Harness]:
 
 
 def test_generated_requests_never_desync(tmp_path: Path) -> None:
+    started = time.monotonic()
     with overlong_policy(None), harness(tmp_path) as h:
 
         @PROFILE
@@ -378,6 +380,7 @@ def test_generated_requests_never_desync(tmp_path: Path) -> None:
         one()
         counts: Dict[str, Any] = dict(h.counts)
         counts["connections created"] = h.created
+    counts["seconds (informational)"] = round(time.monotonic() - started, 1)
     # Every outcome class was generated.
     assert set(counts) >= {
         "outcome ok",
