@@ -105,6 +105,8 @@ def decoded(request: RawRequest) -> bytes:
 # --------------------------------------------------------------------------
 # The strict raw server of conftest, watched.
 
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
 
 class TrackingServer(RawHTTPServer):
     """conftest's strict server, plus: every request in the order its
@@ -117,6 +119,8 @@ class TrackingServer(RawHTTPServer):
         self.ended: Set[int] = set()
         self._conn_of: Dict[Any, RawConnection] = {}
         self._changed: Optional[asyncio.Event] = None
+        #: Targets whose Expect: 100-continue gets no 100 (an early answer).
+        self.no_continue: Set[str] = set()
 
     async def start(self) -> None:
         self._changed = asyncio.Event()
@@ -148,6 +152,13 @@ class TrackingServer(RawHTTPServer):
                 await asyncio.wait_for(self._changed.wait(), remaining)
             except asyncio.TimeoutError:
                 pass
+
+    async def _send(self, writer: asyncio.StreamWriter, data: bytes) -> None:
+        if data == CONTINUE:
+            conn = self._conn_of.get(asyncio.current_task())
+            if conn and conn.requests and conn.requests[-1].target in self.no_continue:
+                return
+        await super()._send(writer, data)
 
     async def _serve(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter

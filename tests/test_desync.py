@@ -31,11 +31,11 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Counter, Dict, Iterator, Optional
+from typing import Any, Counter, Dict, Iterator, List, Optional, Tuple
 
 import aiohttp
 import pytest
-from conftest import RawConnection, fix_needed, switched
+from conftest import RawConnection, RawRequest, Reply, fix_needed, switched
 from fixes.contract_support import PayloadfixLog, captured_log, overlong_policy
 from hypothesis import event, given
 from hypothesis import strategies as st
@@ -55,6 +55,7 @@ from aiohttp_payloadfix._fix import AIOHTTP_VERSION
 MODES = ("absent", "smaller", "equal", "larger")
 POLICIES = ("warn", "truncate", "error")
 MIB = 2**20
+EARLY = Reply(status=413, answer_after=0)
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,9 @@ class Case:
     non_ascii: bool
     #: Chunk size of generator and custom payload bodies.
     chunk: int
+    #: The server answers 413 right after the head (without a 100 to an
+    #: Expect: 100-continue), keeps the connection and reads the body.
+    early: bool = False
 
 
 #: chunked=True and compress refuse a declared length: a quarter of the cases.
@@ -103,6 +107,7 @@ def cases(draw: st.DrawFn) -> Case:
         method=draw(st.sampled_from(("POST", "PUT"))),
         non_ascii=draw(st.booleans()),
         chunk=draw(st.sampled_from((997, 16_384, 65_536))),
+        early=draw(RARELY),
     )
 
 
@@ -182,6 +187,7 @@ class Harness:
         self.log = log
         self.counts: Counter[str] = collections.Counter()
         self.created = 0
+        self._records = 0
         self.server: Optional[TrackingServer] = None
         self.session: Optional[aiohttp.ClientSession] = None
         self.run(self._open())
@@ -255,9 +261,12 @@ class Harness:
         want = expected(case, body.data, body.wire, declared)
         headers = {} if declared is None else {"Content-Length": str(declared)}
         failures, arrivals = len(server.failures), len(server.arrivals)
-        records = len(self.log.records)
+        records = self._records = len(self.log.records)
         target = f"/case/{n}"
         outcome = "ok"
+        if case.early:
+            server.routes[target] = EARLY
+            server.no_continue.add(target)
         try:
             async with session.request(
                 case.method,
@@ -268,14 +277,19 @@ class Harness:
                 compress="deflate" if case.compress else None,
                 expect100=case.expect100,
             ) as resp:
-                assert resp.status == 200
                 await resp.read()
+                if case.early and resp.status == 413:
+                    outcome = "early"
+                else:
+                    assert resp.status == 200
         except ValueError:
             outcome = "value-error"
         except ContentLengthError:
             outcome = "length-error"
         finally:
             await body.close()
+            server.routes.pop(target, None)
+            server.no_continue.discard(target)
         sentinel = f"/sentinel/{n}"
         async with session.get(server.url(sentinel)) as resp:
             assert resp.status == 200
@@ -313,6 +327,8 @@ class Harness:
             # Known, see unreported_race: the body was cut to nothing silently.
             self.counts["over-long cut unreported (known race)"] += 1
             want = Expected("ok", b"")
+        if case.early and want.outcome != "value-error":
+            return self._check_early(case, declared, body.wire, want, outcome, got)
         assert outcome == want.outcome, (case, declared, len(body.wire))
         assert len(self.log.records) - records == want.warnings, case
         self.counts[f"outcome {outcome}"] += 1
@@ -346,6 +362,37 @@ class Harness:
             if declared is not None and declared < len(body.wire):
                 self.counts["over-long bodies cut"] += 1
             request.body = b""  # keep the memory bounded
+        return outcome
+
+    def _check_early(
+        self,
+        case: Case,
+        declared: Optional[int],
+        wire: bytes,
+        want: Expected,
+        outcome: str,
+        got: List[Tuple[RawConnection, RawRequest]],
+    ) -> str:
+        """An answer before the body: whatever the client sent of the body is
+        a prefix of what it must send; the connection is reused only after a
+        complete body (else the server, still reading it, would take the next
+        request for body bytes: the sentinel would never be answered)."""
+        server = self.server
+        assert server is not None
+        allowed = {"early", want.outcome} - {"ok"}
+        assert outcome in allowed, (case, declared, len(wire))
+        # An unsized over-long body may be cancelled before it is seen.
+        assert len(self.log.records) - self._records <= want.warnings
+        self.counts[f"early answer, outcome {outcome}"] += 1
+        full = want.body if want.outcome == "ok" else wire[:declared]
+        for conn, request in got:
+            sent = decoded(request)
+            assert full.startswith(sent), (case, len(sent), len(full))
+            self.counts["bytes verified"] += len(sent)
+            if not request.complete:
+                assert server.has_ended(conn)
+                assert conn.requests[-1] is request
+            request.body = b""
         return outcome
 
 
@@ -390,10 +437,12 @@ def test_generated_requests_never_desync(tmp_path: Path) -> None:
     }
     assert counts["requests generated"] >= PROFILE.max_examples
     assert counts.get("failed examples", 0) == 0
-    # A new connection only after a request that failed with one.
+    # A new connection only after a failed request or an early answer.
+    early = sum(v for k, v in counts.items() if k.startswith("early answer"))
     assert counts["connections created"] <= (
         1
         + counts["outcome length-error"]
+        + early
         + counts.get("connections not reused after success", 0)
     )
     record_counts("desync", counts)
