@@ -10,6 +10,7 @@ from . import (
     chunked_file_reads,
     computed_lengths,
     content_length_limit,
+    expect_continue_close,
     file_payload_reuse,
     file_resend,
     overlong_body_warning,
@@ -30,6 +31,8 @@ FIXES: Tuple[Fix, ...] = (
     short_body_error.FIX,
     overlong_body_warning.FIX,
     computed_lengths.FIX,
+    # Wraps write_bytes on top of all the others.
+    expect_continue_close.FIX,
 )
 
 
