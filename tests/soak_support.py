@@ -2,10 +2,11 @@
 profiles, the counts a soak run writes out, a strict raw server that tracks
 arrivals and connection ends, and a catalogue of request bodies.
 
-``PAYLOADFIX_SOAK=1`` selects the long session (``nox -s soak``): at least
-10,000 generated requests and 5,000 uploads; unset, the default suite runs a
-few hundred of each, derandomized. ``PAYLOADFIX_SOAK_REPORT=<file>`` makes the
-tests merge their counts into that JSON file.
+``PAYLOADFIX_SOAK=1`` selects the long session (``nox -s soak``): 25,000
+generated requests (``PAYLOADFIX_SOAK_EXAMPLES``) and 5,000 uploads; unset,
+the default suite runs a few hundred of each, derandomized.
+``PAYLOADFIX_SOAK_REPORT=<file>`` makes the tests merge their counts into that
+JSON file.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ settings.register_profile(
 )
 settings.register_profile(
     "payloadfix-soak",
-    max_examples=int(os.environ.get("PAYLOADFIX_SOAK_EXAMPLES", "10500")),
+    max_examples=int(os.environ.get("PAYLOADFIX_SOAK_EXAMPLES", "25000")),
     deadline=None,
     database=None,
     print_blob=True,

@@ -19,7 +19,7 @@ bytes behind desynchronises the ones after it. Invariants, per example:
   failed.
 
 A few hundred derandomized examples in the default suite; ``nox -s soak``
-(``PAYLOADFIX_SOAK=1``) runs at least 10,000.
+(``PAYLOADFIX_SOAK=1``) runs 25,000.
 """
 
 from __future__ import annotations
