@@ -359,6 +359,8 @@ class Harness:
             if conn is not conn_s:
                 assert server.has_ended(conn)
                 self.counts["connections not reused after success"] += 1
+                expect = ", Expect" if case.expect100 else ""
+                self.counts[f"  not reused: {case.kind}{expect}"] += 1
             if declared is not None and declared < len(body.wire):
                 self.counts["over-long bodies cut"] += 1
             request.body = b""  # keep the memory bounded
