@@ -1,10 +1,12 @@
 """expect-continue-close: a request whose body was never sent does not go
 back to the pool.
 
-Upstream: none; no aiohttp release has this (beyond upstream; 3.13.2 and
-3.14 behave the same).
+Upstream: fixed in aiohttp 3.14.4, where ``write_bytes`` waits for the 100
+inside the handler that closes the connection of a cancelled write (no issue
+found; 3.14.0-3.14.3 and 3.13.x still have the bug, and are left untouched
+like every release from 3.13 on).
 
-Affected: every release.
+Affected: aiohttp >=3.9.0,<3.14.4 (found by tests/test_desync.py).
 
 Symptom: with ``expect100=True`` the body write waits for ``100 Continue``.
 When the server answers with a final status instead (413, 417, 401), or with
@@ -25,7 +27,8 @@ closes it where it swallows the cancellation.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Awaitable, Callable, Optional, Sequence
+import inspect
+from typing import Any, Awaitable, Callable, Generator, List, Optional, Sequence
 
 from aiohttp import client_reqrep
 
@@ -77,7 +80,52 @@ def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
     return write_bytes
 
 
+class _Suspend:
+    def __await__(self) -> Generator[None, None, None]:
+        yield None
+
+
+class _Stub:
+    """Just enough of a request, writer and connection for the probe: a
+    request still waiting for its 100 Continue."""
+
+    url = "http://probe.invalid/"
+    closed = False
+    protocol = object()
+    body = _body = None
+    _upload_tracker = _upload_gen = None  # 3.14.4+
+
+    def __init__(self) -> None:
+        self._continue = _Suspend()
+
+    def close(self) -> None:
+        self.closed = True
+
+    def send_headers(self) -> None:
+        return None
+
+    async def drain(self) -> None:
+        return None
+
+
 def _probe() -> Optional[str]:
+    method = inspect.unwrap(client_reqrep.ClientRequest.write_bytes)
+    stub = _Stub()
+    args: List[Any] = [stub, stub, stub]
+    if len(inspect.signature(method).parameters) > 3:
+        args.append(None)
+    coro = method(*args)
+    try:
+        coro.send(None)  # suspended waiting for the 100
+        coro.throw(asyncio.CancelledError())
+    except (asyncio.CancelledError, StopIteration):
+        pass
+    except Exception:  # an unexpected shape: keep the guard
+        pass
+    finally:
+        coro.close()
+    if stub.closed:
+        return None
     return "a request whose 100 Continue never came is pooled with its body unsent"
 
 
@@ -87,9 +135,10 @@ def _patches() -> Sequence[Patch]:
 
 FIX = Fix(
     id="expect-continue-close",
-    upstream="beyond upstream (no aiohttp release)",
+    upstream="aiohttp 3.14.4 (the wait for 100 Continue moved into the handler"
+    " that closes a cancelled write's connection)",
     summary="a request answered before its 100 Continue closes its connection",
-    affected=((3, 9, 0), None),
+    affected=((3, 9, 0), (3, 14, 4)),
     probe=_probe,
     patches=_patches,
 )
