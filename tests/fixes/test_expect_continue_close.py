@@ -4,7 +4,7 @@ back to the pool.
 
 Found by the desync property test (tests/test_desync.py). The server answers
 413 right after the head and goes on reading the declared body, as RFC 9110
-(section 10.1.1) allows. As released (3.9-3.13), the end of that answer
+(section 10.1.1) allows. As released (3.9.0-3.14.3), the end of that answer
 cancels the body write while it waits for the 100, and the connection is
 pooled with the body unsent: the server reads the next request as the body.
 """
@@ -19,6 +19,9 @@ import pytest
 import pytest_asyncio
 from conftest import FixState, Reply, switched
 from soak_support import CONTINUE, TrackingServer
+
+from aiohttp_payloadfix._fix import AIOHTTP_VERSION
+from aiohttp_payloadfix.fixes import by_id
 
 FIX_ID = "expect-continue-close"
 #: A safety net for a failing test; nothing waits for it.
@@ -56,7 +59,11 @@ async def server() -> AsyncIterator[TrackingServer]:
         await srv.close()
 
 
-async def upload_then_next(server: TrackingServer, answer: str) -> None:
+async def upload_then_next(
+    server: TrackingServer, answer: str, desync: bool = False
+) -> None:
+    """The upload, then a GET on the same session; ``desync``: the GET may
+    fail (the server took its head for body bytes)."""
     server.routes["/upload"] = ANSWERS[answer]
     connector = aiohttp.TCPConnector(limit=1)
     async with aiohttp.ClientSession(connector=connector, timeout=SAFETY) as session:
@@ -64,8 +71,9 @@ async def upload_then_next(server: TrackingServer, answer: str) -> None:
             server.url("/upload"), data=BODY, expect100=True
         ) as resp:
             assert resp.status == 413
-        async with session.get(server.url("/next")) as resp:
-            await resp.read()
+        with contextlib.suppress(*((aiohttp.ClientError,) if desync else ())):
+            async with session.get(server.url("/next")) as resp:
+                await resp.read()
     await server.settle()
 
 
@@ -92,9 +100,17 @@ async def test_unsent_body_closes_the_connection(
 
 @pytest.mark.parametrize("answer", sorted(ANSWERS))
 async def test_bug_reproduces_unfixed(answer: str, server: TrackingServer) -> None:
+    if AIOHTTP_VERSION >= (3, 14, 4):
+        pytest.skip("fixed upstream in aiohttp 3.14.4")
     with released_behaviour():
-        await upload_then_next(server, answer)
+        await upload_then_next(server, answer, desync=True)
     # The next request's head was read as the body; the rest is garbage.
     assert any("not a request line" in f for f in server.failures)
     conn = server.connections[0]
     assert conn.requests[0].body.startswith(b"GET /next HTTP/1.1\r\n")
+
+
+def test_probe_matches_the_release() -> None:
+    """Needed until 3.14.4, where aiohttp closes the connection itself."""
+    needed = by_id(FIX_ID).probe() is not None
+    assert needed == (AIOHTTP_VERSION < (3, 14, 4))
