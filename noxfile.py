@@ -4,6 +4,7 @@
     nox -t ci --parallel 2     # the subset .ci/run runs
     nox -s matrix              # every release x every Python -> COMPATIBILITY.md
     nox -s bench               # benchmarks/run.py
+    nox -s soak                # the long reliability run (issue 6)
 
 uv installs everything, and only the interpreters already on this machine are
 used (pyenv's, else ``pythonX.Y`` on PATH): nothing downloads a Python.
@@ -176,3 +177,35 @@ def bench(session: nox.Session) -> None:
     """The benchmarks (benchmarks/run.py), with the package installed."""
     session.install("-e", ".", "matplotlib")
     session.run("python", "benchmarks/run.py", *session.posargs)
+
+
+@nox.session(python=PYTHONS.get("3.11", "3.11"))
+def soak(session: nox.Session) -> None:
+    """The long reliability session (issue 6): 25,000 generated requests
+    (tests/test_desync.py; PAYLOADFIX_SOAK_EXAMPLES to change) and 5,000
+    uploads at concurrency 64 with injected faults (tests/test_load.py), on
+    loopback; counts go to docs/reliability.json, or
+    docs/reliability-<release>.json for another release (docs/reliability.md
+    quotes them). Not part of `ci`.
+
+        nox -s soak                      # aiohttp 3.11.18
+        SOAK_AIOHTTP=3.12.15 nox -s soak # another release
+    """
+    release = os.environ.get("SOAK_AIOHTTP", "3.11.18")
+    _install_aiohttp_wheel(session, release)
+    session.install("-e", ".", *_test_pins(), f"aiohttp=={release}")
+    name = "reliability" if release == "3.11.18" else f"reliability-{release}"
+    report = ROOT / "docs" / f"{name}.json"
+    report.unlink(missing_ok=True)
+    session.run(
+        "python",
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "tests/test_desync.py",
+        "tests/test_load.py",
+        *session.posargs,
+        env={"PAYLOADFIX_SOAK": "1", "PAYLOADFIX_SOAK_REPORT": str(report)},
+    )

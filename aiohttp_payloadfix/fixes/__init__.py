@@ -11,6 +11,7 @@ from . import (
     coalesced_headers,
     computed_lengths,
     content_length_limit,
+    expect_continue_close,
     file_payload_reuse,
     file_resend,
     overlong_body_warning,
@@ -31,6 +32,8 @@ FIXES: Tuple[Fix, ...] = (
     short_body_error.FIX,
     overlong_body_warning.FIX,
     computed_lengths.FIX,
+    # Wraps write_bytes on top of all the others.
+    expect_continue_close.FIX,
     # Its own attribute (StreamWriter.write_headers), wrapped by no other fix:
     # last, so applying or reverting it never restacks the others.
     coalesced_headers.FIX,

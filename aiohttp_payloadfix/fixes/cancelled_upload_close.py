@@ -16,8 +16,8 @@ connection when the body write is cancelled, without writing the end of the
 message. Unlike 3.10.6 the cancellation is not re-raised: on these releases
 ``ClientResponse.release()`` and ``wait_for_close()`` await the write task
 directly and would hand the CancelledError to the caller. A cancellation while
-waiting for ``100 Continue`` (nothing of the body sent) keeps the old
-behaviour.
+waiting for ``100 Continue`` (nothing of the body sent) closes the connection
+too: the server may still be waiting for the body (see expect-continue-close).
 
 This fix needs file-payload-reuse: closing the connection on a cancelled write
 is what turned the file-payload race into a closed connection per upload in
@@ -35,6 +35,7 @@ from aiohttp.client_exceptions import ClientConnectionError, ClientOSError
 
 from .._fix import Fix
 from .._ledger import Patch
+from .content_length_limit import declared_length
 
 __all__ = ("FIX",)
 
@@ -52,6 +53,8 @@ def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
                 await writer.drain()
                 await self._continue
             except asyncio.CancelledError:
+                if declared_length(self) != 0:
+                    conn.close()
                 return
         protocol = conn.protocol
         assert protocol is not None

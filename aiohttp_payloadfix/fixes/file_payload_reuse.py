@@ -88,7 +88,8 @@ async def _write_file(pl: Any, writer: Any) -> None:
     written = 0
     state.writers += 1
     try:
-        while limit is None or written < limit:
+        # max(): with nothing declared (0) the peek is the only read.
+        while limit is None or written < max(limit, peek):
             want = (
                 _READ_SIZE if limit is None else min(_READ_SIZE, limit - written + peek)
             )
@@ -96,6 +97,11 @@ async def _write_file(pl: Any, writer: Any) -> None:
                 if state.generation != generation:
                     raise Superseded
                 chunk = f.read(want)
+            elif limit == 0:
+                # Declared empty: the server may answer before a read in a
+                # thread returns, and its answer cancels this write; so the
+                # one-byte peek happens on the loop.
+                chunk = read_current(f, state, generation, want)
             else:
                 chunk = await loop.run_in_executor(
                     None, read_current, f, state, generation, want
