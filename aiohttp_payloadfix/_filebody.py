@@ -21,6 +21,7 @@ Used by the fixes file-payload-reuse (3.9-3.11) and file-resend (3.12).
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import logging
 import threading
@@ -132,12 +133,18 @@ def _forget(key: int, ref: weakref.ref[Any]) -> None:
         del _STATES[key]
 
 
+def _new_state(f: Any) -> FileState:
+    state = FileState()
+    key = id(f)
+    # partial, not a lambda: no Python frame of ours when the file dies.
+    _STATES[key] = (weakref.ref(f, functools.partial(_forget, key)), state)
+    return state
+
+
 def state_of(f: Any) -> FileState:
     state = existing_state(f)
     if state is None:
-        state = FileState()
-        key = id(f)
-        _STATES[key] = (weakref.ref(f, lambda ref: _forget(key, ref)), state)
+        state = _new_state(f)
     return state
 
 
@@ -260,9 +267,38 @@ def build_request_scope(
         # A plain function on the fast path: no extra coroutine for other bodies.
         def _request(self: Any, method: str, str_or_url: Any, **kwargs: Any) -> Any:
             data = kwargs.get("data")
-            if type(data) in _NOT_FILES or not is_file(data):
+            cls = type(data)
+            if cls in _NOT_FILES:
+                return original(self, method, str_or_url, **kwargs)
+            if cls is io.BytesIO:
+                return _in_memory(self, method, str_or_url, data, kwargs)
+            if not is_file(data):
                 return original(self, method, str_or_url, **kwargs)
             return _scoped(self, method, str_or_url, data, kwargs)
+
+        async def _in_memory(
+            self: Any, method: str, str_or_url: Any, data: Any, kwargs: Any
+        ) -> Any:
+            # _scoped for a BytesIO, inline: it is never closed here (see
+            # close_soon) and, open, always seekable.
+            entry = _STATES.get(id(data))
+            if entry is not None and entry[0]() is data:
+                state = entry[1]
+            else:
+                state = _new_state(data)
+            if not state.scopes:
+                with state.lock:
+                    state.generation += 1
+                    state.start = None if data.closed else data.tell()
+                    state.builds = 0
+                    state.close_wanted = False
+            state.scopes += 1
+            try:
+                return await original(self, method, str_or_url, **kwargs)
+            finally:
+                state.scopes -= 1
+                if not state.scopes:
+                    state.close_wanted = False
 
         async def _scoped(
             self: Any, method: str, str_or_url: Any, data: Any, kwargs: Any
@@ -285,20 +321,28 @@ def build_rewind(original: Callable[..., Any]) -> Callable[..., Any]:
     """``ClientRequest.update_body_from_data`` rewinding a resent file body."""
 
     def update_body_from_data(self: Any, body: Any, *args: Any, **kwargs: Any) -> None:
-        if type(body) in _NOT_FILES:
-            if args or kwargs:
-                original(self, body, *args, **kwargs)
+        cls = type(body)
+        if cls not in _NOT_FILES:
+            if cls is io.BytesIO or is_file(body):
+                f = body
             else:
-                original(self, body)  # a plain call is cheaper than f(*a, **kw)
-            return
-        # 3.12.14+ hands a redirect the payload of the first attempt.
-        f = body if is_file(body) else getattr(body, "_value", None)
-        if is_file(f):
-            state = existing_state(f)
-            if state is not None and state.scopes:
-                _rewind(f, state)
-                if f is not body:
-                    _PAYLOAD_GENERATION[body] = state.generation
-        original(self, body, *args, **kwargs)
+                # 3.12.14+ hands a redirect the payload of the first attempt.
+                f = getattr(body, "_value", None)
+                if not is_file(f):
+                    f = None
+            if f is not None:
+                entry = _STATES.get(id(f))
+                if entry is not None and entry[0]() is f and entry[1].scopes:
+                    state = entry[1]
+                    if state.builds:
+                        _rewind(f, state)
+                    else:
+                        state.builds = 1  # the first build: nothing to rewind
+                    if f is not body:
+                        _PAYLOAD_GENERATION[body] = state.generation
+        if args or kwargs:
+            original(self, body, *args, **kwargs)
+        else:
+            original(self, body)  # a plain call is cheaper than f(*a, **kw)
 
     return update_body_from_data

@@ -73,7 +73,9 @@ def open_length(writer: Any) -> Optional[int]:
     Only aiohttp's own StreamWriter carries the declared length; other writers
     inherit ``AbstractStreamWriter.length = 0``, which means nothing here.
     """
-    if isinstance(writer, StreamWriter):
+    # The MRO first: coalesced-headers switches the writer to a subclass while
+    # it holds the head, and StreamWriter is an ABC (a Python-level check).
+    if StreamWriter in type(writer).__mro__ or isinstance(writer, StreamWriter):
         return writer.length
     return None
 
@@ -131,6 +133,7 @@ BELOW = "_payloadfix_below"
 
 #: In-memory payloads whose ``size`` is exactly what they write.
 _EXACT_BODIES = frozenset({payload.BytesPayload, payload.StringPayload})
+_BYTES_IO = payload.BytesIOPayload
 
 
 def below(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -153,7 +156,9 @@ def declared_body(
     Worked out once per write: the wrappers of write_bytes run one after the
     other, synchronously, and all ask.
     """
-    if not isinstance(writer, StreamWriter):
+    if StreamWriter not in type(writer).__mro__ and not isinstance(
+        writer, StreamWriter
+    ):
         return None
     cached = getattr(request, _SENDING, None)
     if cached is not None and cached[0] == id(writer):
@@ -195,6 +200,12 @@ def bypass(
     or exactly its size, is declared: it can be neither longer nor shorter than
     declared, and it writes exactly the declared bytes. That is the path of
     nearly every request, so it is kept cheap.
+
+    A BytesIO is in memory too: when its size is the declared length it is
+    sent the same way, the writer limited to that length (the limit's part). A
+    BytesIO changed by another task while it is being sent is a race of the
+    caller's: the writer still stops at the declared length, but a body that
+    shrank then is not reported.
     """
     target = below(original)
     target_takes_length = takes_length(target)
@@ -203,15 +214,31 @@ def bypass(
         self: Any, writer: Any, conn: Any, content_length: Optional[int]
     ) -> Optional[Awaitable[None]]:
         body = _body_of(self)
-        if type(body) not in _EXACT_BODIES:
-            return None
-        value = self.headers.get(hdrs.CONTENT_LENGTH)
-        if value is not None:
-            try:
-                if int(value) != body.size:
-                    return None
-            except ValueError:
+        cls = type(body)
+        if cls not in _EXACT_BODIES:
+            if cls is not _BYTES_IO:
                 return None
+            value = self.headers.get(hdrs.CONTENT_LENGTH)
+            if value is not None:
+                try:
+                    declared = int(value)
+                    if declared != body.size:
+                        return None
+                except ValueError:  # a closed BytesIO has no size
+                    return None
+                if writer.length is None and (
+                    StreamWriter in type(writer).__mro__
+                    or isinstance(writer, StreamWriter)
+                ):
+                    writer.length = declared
+        else:
+            value = self.headers.get(hdrs.CONTENT_LENGTH)
+            if value is not None:
+                try:
+                    if int(value) != body.size:
+                        return None
+                except ValueError:
+                    return None
         if content_length is None:
             if target_takes_length:
                 return None  # a 3.11-style call on 3.12: the length is needed

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import io
-from typing import Any, Awaitable, Callable, Optional, Sequence
+from typing import Any, Awaitable, Callable, Optional, Sequence, Tuple
 
 from aiohttp import client, client_reqrep, payload
 
@@ -45,6 +45,7 @@ from .._filebody import (
     build_request_scope,
     build_rewind,
     close_soon,
+    existing_state,
     read_current,
     state_of,
     tell,
@@ -58,20 +59,12 @@ __all__ = ("FIX",)
 _READ_SIZE = 2**16
 
 
-def _size_of(pl: payload.Payload) -> Optional[int]:
+def _limits(pl: Any, writer: Any) -> Tuple[Optional[int], int, Optional[str]]:
+    """``(bytes to write or None: to the end, extra bytes to peek, encoding)``."""
     try:
-        return pl.size
+        size: Optional[int] = pl.size
     except (OSError, ValueError):
-        return None
-
-
-async def _write_file(pl: Any, writer: Any) -> None:
-    f = pl._value
-    state = state_of(f)
-    generation = state.generation
-    if state.start is None:
-        state.start = tell(f)
-    size = _size_of(pl)
+        size = None
     remaining = open_length(writer)
     limit = size
     if remaining is not None and (size is None or remaining < size):
@@ -83,7 +76,16 @@ async def _write_file(pl: Any, writer: Any) -> None:
     encoding: Optional[str] = None
     if payload.TextIOPayload in type(pl).__mro__:  # no ABC check (Payload is one)
         encoding = pl._encoding or "utf-8"
-    in_memory = isinstance(f, io.BytesIO)
+    return limit, peek, encoding
+
+
+async def _write_file(pl: Any, writer: Any) -> None:
+    f = pl._value
+    state = state_of(f)
+    generation = state.generation
+    if state.start is None:
+        state.start = tell(f)
+    limit, peek, encoding = _limits(pl, writer)
     loop = asyncio.get_running_loop()
     written = 0
     state.writers += 1
@@ -92,14 +94,9 @@ async def _write_file(pl: Any, writer: Any) -> None:
             want = (
                 _READ_SIZE if limit is None else min(_READ_SIZE, limit - written + peek)
             )
-            if in_memory:
-                if state.generation != generation:
-                    raise Superseded
-                chunk = f.read(want)
-            else:
-                chunk = await loop.run_in_executor(
-                    None, read_current, f, state, generation, want
-                )
+            chunk = await loop.run_in_executor(
+                None, read_current, f, state, generation, want
+            )
             if not chunk:
                 break
             if encoding is not None:
@@ -120,9 +117,38 @@ async def _write_file(pl: Any, writer: Any) -> None:
             close_soon(f)
 
 
+async def _write_memory(pl: Any, f: Any, writer: Any) -> None:
+    """``_write_file`` for a BytesIO: read on the loop, never closed (see
+    close_soon), and outside a request call (no state) never superseded."""
+    state = existing_state(f)
+    generation = 0 if state is None else state.generation
+    limit, peek, encoding = _limits(pl, writer)
+    written = 0
+    while limit is None or written < limit:
+        want = _READ_SIZE if limit is None else min(_READ_SIZE, limit - written + peek)
+        if state is not None and state.generation != generation:
+            return  # superseded by a resend
+        chunk = f.read(want)
+        if not chunk:
+            break
+        if encoding is not None:
+            chunk = chunk.encode(encoding)
+        if limit is not None and written + len(chunk) > limit:
+            if peek:
+                # Over-long: the writer drops the excess (and it is reported).
+                await writer.write(chunk)
+                break
+            chunk = chunk[: limit - written]
+        written += len(chunk)
+        await writer.write(chunk)
+
+
 def _build_write(original: Callable[..., Any]) -> Callable[..., Any]:
     # A plain function returning the coroutine: no extra frame per request.
     def write(self: Any, writer: Any) -> Awaitable[None]:
+        f = self._value
+        if isinstance(f, io.BytesIO):
+            return _write_memory(self, f, writer)
         return _write_file(self, writer)
 
     return write
