@@ -90,28 +90,20 @@ class Superseded(Exception):
 
 
 class FileState:
-    """Per file object: where its body starts and who may read it."""
+    """Per file object: where its body starts and who may read it.
 
-    __slots__ = (
-        "start",
-        "generation",
-        "lock",
-        "scopes",
-        "builds",
-        "writers",
-        "close_wanted",
-        "__weakref__",
-    )
+    Made by ``_new_state`` only. The defaults are class attributes: a new
+    state (one per file-like request) costs no ``__init__`` frame.
+    """
 
-    def __init__(self) -> None:
-        self.start: Optional[int] = None
-        self.generation = 0
-        # Serialises executor reads with the rewind of a resend.
-        self.lock = threading.Lock()
-        self.scopes = 0  # ClientSession._request calls using this file as data
-        self.builds = 0  # requests built from it in the current scope
-        self.writers = 0  # writes in progress
-        self.close_wanted = False  # a close deferred until the scope ends
+    start: Optional[int] = None
+    generation = 0
+    # Serialises executor reads with the rewind of a resend.
+    lock: threading.Lock
+    scopes = 0  # ClientSession._request calls using this file as data
+    builds = 0  # requests built from it in the current scope
+    writers = 0  # writes in progress
+    close_wanted = False  # a close deferred until the scope ends
 
 
 #: id(file) -> (weak reference to the file, its state). Like a
@@ -135,6 +127,7 @@ def _forget(key: int, ref: weakref.ref[Any]) -> None:
 
 def _new_state(f: Any) -> FileState:
     state = FileState()
+    state.lock = threading.Lock()
     key = id(f)
     # partial, not a lambda: no Python frame of ours when the file dies.
     _STATES[key] = (weakref.ref(f, functools.partial(_forget, key)), state)

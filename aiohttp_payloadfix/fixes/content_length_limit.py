@@ -76,7 +76,8 @@ def open_length(writer: Any) -> Optional[int]:
     # The MRO first: coalesced-headers switches the writer to a subclass while
     # it holds the head, and StreamWriter is an ABC (a Python-level check).
     if StreamWriter in type(writer).__mro__ or isinstance(writer, StreamWriter):
-        return writer.length
+        length: Optional[int] = writer.length
+        return length
     return None
 
 

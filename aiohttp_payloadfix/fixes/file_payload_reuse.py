@@ -117,28 +117,32 @@ async def _write_file(pl: Any, writer: Any) -> None:
             close_soon(f)
 
 
-async def _write_memory(pl: Any, f: Any, writer: Any) -> None:
+async def _write_memory(f: Any, writer: Any) -> None:
     """``_write_file`` for a BytesIO: read on the loop, never closed (see
-    close_soon), and outside a request call (no state) never superseded."""
+    close_soon), outside a request call (no state) never superseded.
+
+    Its size is not needed: reading up to one byte past what the writer still
+    accepts ends at the end of the buffer, or shows an over-long body (the
+    writer drops the excess) without a read after the last byte.
+    """
     state = existing_state(f)
     generation = 0 if state is None else state.generation
-    limit, peek, encoding = _limits(pl, writer)
+    remaining = open_length(writer)
+    if remaining is None:
+        while True:
+            if state is not None and state.generation != generation:
+                return  # superseded by a resend
+            chunk = f.read(_READ_SIZE)
+            if not chunk:
+                return
+            await writer.write(chunk)
     written = 0
-    while limit is None or written < limit:
-        want = _READ_SIZE if limit is None else min(_READ_SIZE, limit - written + peek)
+    while written < remaining:
         if state is not None and state.generation != generation:
             return  # superseded by a resend
-        chunk = f.read(want)
+        chunk = f.read(min(_READ_SIZE, remaining - written + 1))
         if not chunk:
-            break
-        if encoding is not None:
-            chunk = chunk.encode(encoding)
-        if limit is not None and written + len(chunk) > limit:
-            if peek:
-                # Over-long: the writer drops the excess (and it is reported).
-                await writer.write(chunk)
-                break
-            chunk = chunk[: limit - written]
+            return
         written += len(chunk)
         await writer.write(chunk)
 
@@ -148,7 +152,7 @@ def _build_write(original: Callable[..., Any]) -> Callable[..., Any]:
     def write(self: Any, writer: Any) -> Awaitable[None]:
         f = self._value
         if isinstance(f, io.BytesIO):
-            return _write_memory(self, f, writer)
+            return _write_memory(f, writer)
         return _write_file(self, writer)
 
     return write
