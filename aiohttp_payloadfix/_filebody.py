@@ -275,23 +275,25 @@ def build_request_scope(
             # _scoped for a BytesIO, inline: it is never closed here (see
             # close_soon) and, open, always seekable.
             entry = _STATES.get(id(data))
-            if entry is not None and entry[0]() is data:
-                state = entry[1]
-            else:
+            if entry is None or entry[0]() is not data:
+                # The usual case, a new BytesIO: no earlier write to fence off.
                 state = _new_state(data)
-            if not state.scopes:
+                state.start = None if data.closed else data.tell()
+            elif not entry[1].scopes:
+                state = entry[1]
                 with state.lock:
                     state.generation += 1
                     state.start = None if data.closed else data.tell()
                     state.builds = 0
                     state.close_wanted = False
+            else:
+                state = entry[1]
             state.scopes += 1
             try:
                 return await original(self, method, str_or_url, **kwargs)
             finally:
+                # Never closed here (close_soon leaves a BytesIO open).
                 state.scopes -= 1
-                if not state.scopes:
-                    state.close_wanted = False
 
         async def _scoped(
             self: Any, method: str, str_or_url: Any, data: Any, kwargs: Any
