@@ -221,12 +221,19 @@ def bypass(
     def skip(
         self: Any, writer: Any, conn: Any, content_length: Optional[int]
     ) -> Optional[Awaitable[None]]:
+        if content_length is None and target_takes_length:
+            return None  # a 3.11-style call on 3.12: the length is needed
         body = _body_of(self)
         cls = type(body)
-        if cls not in _EXACT_BODIES:
-            if cls is not _BYTES_IO:
-                return None
-            value = self.headers.get(hdrs.CONTENT_LENGTH)
+        value = self.headers.get(hdrs.CONTENT_LENGTH)
+        if cls in _EXACT_BODIES:
+            if value is not None:
+                try:
+                    if int(value) != exact_size(body):
+                        return None
+                except ValueError:
+                    return None
+        elif cls is _BYTES_IO:
             if value is not None:
                 try:
                     declared = int(value)
@@ -240,17 +247,7 @@ def bypass(
                 ):
                     writer.length = declared
         else:
-            value = self.headers.get(hdrs.CONTENT_LENGTH)
-            if value is not None:
-                try:
-                    if int(value) != exact_size(body):
-                        return None
-                except ValueError:
-                    return None
-        if content_length is None:
-            if target_takes_length:
-                return None  # a 3.11-style call on 3.12: the length is needed
-            return target(self, writer, conn)  # type: ignore[no-any-return]
+            return None
         if target_takes_length:
             return target(self, writer, conn, content_length)  # type: ignore[no-any-return]
         return target(self, writer, conn)  # type: ignore[no-any-return]
