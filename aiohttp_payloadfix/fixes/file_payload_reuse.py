@@ -125,22 +125,32 @@ async def _write_memory(f: Any, writer: Any) -> None:
     accepts ends at the end of the buffer, or shows an over-long body (the
     writer drops the excess) without a read after the last byte.
     """
+    remaining = open_length(writer)
+    if remaining == 0:
+        return  # nothing declared is left: not even a byte is read
+    want = _READ_SIZE if remaining is None else min(_READ_SIZE, remaining + 1)
+    chunk = f.read(want)
+    if len(chunk) < want or remaining is not None and len(chunk) > remaining:
+        # All of it in one read, the usual case: nothing can have superseded
+        # this attempt before its first await.
+        if chunk:
+            await writer.write(chunk)
+        return
+    # More reads: each after an await, so each checks that no resend took the
+    # file over in between. The generation is this attempt's: no await yet.
     state = existing_state(f)
     generation = 0 if state is None else state.generation
-    remaining = open_length(writer)
-    if remaining is None:
-        while True:
-            if state is not None and state.generation != generation:
-                return  # superseded by a resend
-            chunk = f.read(_READ_SIZE)
-            if not chunk:
-                return
-            await writer.write(chunk)
-    written = 0
-    while written < remaining:
+    written = len(chunk)
+    await writer.write(chunk)
+    while remaining is None or written < remaining:
         if state is not None and state.generation != generation:
             return  # superseded by a resend
-        chunk = f.read(min(_READ_SIZE, remaining - written + 1))
+        want = (
+            _READ_SIZE
+            if remaining is None
+            else min(_READ_SIZE, remaining - written + 1)
+        )
+        chunk = f.read(want)
         if not chunk:
             return
         written += len(chunk)
