@@ -277,7 +277,14 @@ def build_request_scope(
             entry = _STATES.get(id(data))
             if entry is None or entry[0]() is not data:
                 # The usual case, a new BytesIO: no earlier write to fence off.
-                state = _new_state(data)
+                # (_new_state, inline.)
+                state = FileState()
+                state.lock = threading.Lock()
+                key = id(data)
+                _STATES[key] = (
+                    weakref.ref(data, functools.partial(_forget, key)),
+                    state,
+                )
                 state.start = None if data.closed else data.tell()
             elif not entry[1].scopes:
                 state = entry[1]
@@ -317,8 +324,16 @@ def build_rewind(original: Callable[..., Any]) -> Callable[..., Any]:
 
     def update_body_from_data(self: Any, body: Any, *args: Any, **kwargs: Any) -> None:
         cls = type(body)
-        if cls not in _NOT_FILES:
-            if cls is io.BytesIO or is_file(body):
+        if cls is io.BytesIO:  # the common file-like body, first
+            entry = _STATES.get(id(body))
+            if entry is not None and entry[1].scopes and entry[0]() is body:
+                state = entry[1]
+                if state.builds:
+                    _rewind(body, state)
+                else:
+                    state.builds = 1  # the first build: nothing to rewind
+        elif cls not in _NOT_FILES:
+            if is_file(body):
                 f = body
             else:
                 # 3.12.14+ hands a redirect the payload of the first attempt.

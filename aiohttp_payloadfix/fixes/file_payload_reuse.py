@@ -39,6 +39,7 @@ import io
 from typing import Any, Awaitable, Callable, Optional, Sequence, Tuple
 
 from aiohttp import client, client_reqrep, payload
+from aiohttp.http_writer import StreamWriter
 
 from .._filebody import (
     Superseded,
@@ -125,7 +126,12 @@ async def _write_memory(f: Any, writer: Any) -> None:
     accepts ends at the end of the buffer, or shows an over-long body (the
     writer drops the excess) without a read after the last byte.
     """
-    remaining = open_length(writer)
+    # open_length, inline.
+    remaining: Optional[int] = (
+        writer.length
+        if StreamWriter in type(writer).__mro__ or isinstance(writer, StreamWriter)
+        else None
+    )
     if remaining == 0:
         return  # nothing declared is left: not even a byte is read
     want = _READ_SIZE if remaining is None else min(_READ_SIZE, remaining + 1)
