@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import io
-from typing import Any, Awaitable, Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 from aiohttp import client, client_reqrep, payload
 from aiohttp.http_writer import StreamWriter
@@ -118,58 +118,54 @@ async def _write_file(pl: Any, writer: Any) -> None:
             close_soon(f)
 
 
-async def _write_memory(f: Any, writer: Any) -> None:
-    """``_write_file`` for a BytesIO: read on the loop, never closed (see
-    close_soon), outside a request call (no state) never superseded.
-
-    Its size is not needed: reading up to one byte past what the writer still
-    accepts ends at the end of the buffer, or shows an over-long body (the
-    writer drops the excess) without a read after the last byte.
-    """
-    # open_length, inline.
-    remaining: Optional[int] = (
-        writer.length
-        if StreamWriter in type(writer).__mro__ or isinstance(writer, StreamWriter)
-        else None
-    )
-    if remaining == 0:
-        return  # nothing declared is left: not even a byte is read
-    want = _READ_SIZE if remaining is None else min(_READ_SIZE, remaining + 1)
-    chunk = f.read(want)
-    if len(chunk) < want or remaining is not None and len(chunk) > remaining:
-        # All of it in one read, the usual case: nothing can have superseded
-        # this attempt before its first await.
-        if chunk:
-            await writer.write(chunk)
-        return
-    # More reads: each after an await, so each checks that no resend took the
-    # file over in between. The generation is this attempt's: no await yet.
-    state = existing_state(f)
-    generation = 0 if state is None else state.generation
-    written = len(chunk)
-    await writer.write(chunk)
-    while remaining is None or written < remaining:
-        if state is not None and state.generation != generation:
-            return  # superseded by a resend
-        want = (
-            _READ_SIZE
-            if remaining is None
-            else min(_READ_SIZE, remaining - written + 1)
-        )
-        chunk = f.read(want)
-        if not chunk:
-            return
-        written += len(chunk)
-        await writer.write(chunk)
-
-
 def _build_write(original: Callable[..., Any]) -> Callable[..., Any]:
-    # A plain function returning the coroutine: no extra frame per request.
-    def write(self: Any, writer: Any) -> Awaitable[None]:
+    async def write(self: Any, writer: Any) -> None:
         f = self._value
-        if isinstance(f, io.BytesIO):
-            return _write_memory(f, writer)
-        return _write_file(self, writer)
+        if not isinstance(f, io.BytesIO):
+            # A file: its reads cost far more than this frame.
+            await _write_file(self, writer)
+            return
+        # A BytesIO, inline (one frame less on the common in-memory path):
+        # read on the loop, never closed (see close_soon), outside a request
+        # call (no state) never superseded. Its size is not needed: reading up
+        # to one byte past what the writer still accepts ends at the end of
+        # the buffer, or shows an over-long body (the writer drops the excess)
+        # without a read after the last byte.
+        remaining: Optional[int] = (  # open_length, inline
+            writer.length
+            if StreamWriter in type(writer).__mro__ or isinstance(writer, StreamWriter)
+            else None
+        )
+        if remaining == 0:
+            return  # nothing declared is left: not even a byte is read
+        want = _READ_SIZE if remaining is None else min(_READ_SIZE, remaining + 1)
+        chunk = f.read(want)
+        if len(chunk) < want or remaining is not None and len(chunk) > remaining:
+            # All of it in one read, the usual case: nothing can have
+            # superseded this attempt before its first await.
+            if chunk:
+                await writer.write(chunk)
+            return
+        # More reads: each after an await, so each checks that no resend took
+        # the file over in between. The generation is this attempt's: no
+        # await yet.
+        state = existing_state(f)
+        generation = 0 if state is None else state.generation
+        written = len(chunk)
+        await writer.write(chunk)
+        while remaining is None or written < remaining:
+            if state is not None and state.generation != generation:
+                return  # superseded by a resend
+            want = (
+                _READ_SIZE
+                if remaining is None
+                else min(_READ_SIZE, remaining - written + 1)
+            )
+            chunk = f.read(want)
+            if not chunk:
+                return
+            written += len(chunk)
+            await writer.write(chunk)
 
     return write
 
