@@ -21,6 +21,7 @@ Used by the fixes file-payload-reuse (3.9-3.11) and file-resend (3.12).
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import logging
 import threading
@@ -89,28 +90,20 @@ class Superseded(Exception):
 
 
 class FileState:
-    """Per file object: where its body starts and who may read it."""
+    """Per file object: where its body starts and who may read it.
 
-    __slots__ = (
-        "start",
-        "generation",
-        "lock",
-        "scopes",
-        "builds",
-        "writers",
-        "close_wanted",
-        "__weakref__",
-    )
+    Made by ``_new_state`` only. The defaults are class attributes: a new
+    state (one per file-like request) costs no ``__init__`` frame.
+    """
 
-    def __init__(self) -> None:
-        self.start: Optional[int] = None
-        self.generation = 0
-        # Serialises executor reads with the rewind of a resend.
-        self.lock = threading.Lock()
-        self.scopes = 0  # ClientSession._request calls using this file as data
-        self.builds = 0  # requests built from it in the current scope
-        self.writers = 0  # writes in progress
-        self.close_wanted = False  # a close deferred until the scope ends
+    start: Optional[int] = None
+    generation = 0
+    # Serialises executor reads with the rewind of a resend.
+    lock: threading.Lock
+    scopes = 0  # ClientSession._request calls using this file as data
+    builds = 0  # requests built from it in the current scope
+    writers = 0  # writes in progress
+    close_wanted = False  # a close deferred until the scope ends
 
 
 #: id(file) -> (weak reference to the file, its state). Like a
@@ -132,12 +125,19 @@ def _forget(key: int, ref: weakref.ref[Any]) -> None:
         del _STATES[key]
 
 
+def _new_state(f: Any) -> FileState:
+    state = FileState()
+    state.lock = threading.Lock()
+    key = id(f)
+    # partial, not a lambda: no Python frame of ours when the file dies.
+    _STATES[key] = (weakref.ref(f, functools.partial(_forget, key)), state)
+    return state
+
+
 def state_of(f: Any) -> FileState:
     state = existing_state(f)
     if state is None:
-        state = FileState()
-        key = id(f)
-        _STATES[key] = (weakref.ref(f, lambda ref: _forget(key, ref)), state)
+        state = _new_state(f)
     return state
 
 
@@ -260,9 +260,47 @@ def build_request_scope(
         # A plain function on the fast path: no extra coroutine for other bodies.
         def _request(self: Any, method: str, str_or_url: Any, **kwargs: Any) -> Any:
             data = kwargs.get("data")
-            if type(data) in _NOT_FILES or not is_file(data):
+            cls = type(data)
+            if cls in _NOT_FILES:
+                return original(self, method, str_or_url, **kwargs)
+            if cls is io.BytesIO:
+                return _in_memory(self, method, str_or_url, data, kwargs)
+            if not is_file(data):
                 return original(self, method, str_or_url, **kwargs)
             return _scoped(self, method, str_or_url, data, kwargs)
+
+        async def _in_memory(
+            self: Any, method: str, str_or_url: Any, data: Any, kwargs: Any
+        ) -> Any:
+            # _scoped for a BytesIO, inline: it is never closed here (see
+            # close_soon) and, open, always seekable.
+            entry = _STATES.get(id(data))
+            if entry is None or entry[0]() is not data:
+                # The usual case, a new BytesIO: no earlier write to fence off.
+                # (_new_state, inline.)
+                state = FileState()
+                state.lock = threading.Lock()
+                key = id(data)
+                _STATES[key] = (
+                    weakref.ref(data, functools.partial(_forget, key)),
+                    state,
+                )
+                state.start = None if data.closed else data.tell()
+            elif not entry[1].scopes:
+                state = entry[1]
+                with state.lock:
+                    state.generation += 1
+                    state.start = None if data.closed else data.tell()
+                    state.builds = 0
+                    state.close_wanted = False
+            else:
+                state = entry[1]
+            state.scopes += 1
+            try:
+                return await original(self, method, str_or_url, **kwargs)
+            finally:
+                # Never closed here (close_soon leaves a BytesIO open).
+                state.scopes -= 1
 
         async def _scoped(
             self: Any, method: str, str_or_url: Any, data: Any, kwargs: Any
@@ -285,20 +323,36 @@ def build_rewind(original: Callable[..., Any]) -> Callable[..., Any]:
     """``ClientRequest.update_body_from_data`` rewinding a resent file body."""
 
     def update_body_from_data(self: Any, body: Any, *args: Any, **kwargs: Any) -> None:
-        if type(body) in _NOT_FILES:
-            if args or kwargs:
-                original(self, body, *args, **kwargs)
+        cls = type(body)
+        if cls is io.BytesIO:  # the common file-like body, first
+            entry = _STATES.get(id(body))
+            if entry is not None and entry[1].scopes and entry[0]() is body:
+                state = entry[1]
+                if state.builds:
+                    _rewind(body, state)
+                else:
+                    state.builds = 1  # the first build: nothing to rewind
+        elif cls not in _NOT_FILES:
+            if is_file(body):
+                f = body
             else:
-                original(self, body)  # a plain call is cheaper than f(*a, **kw)
-            return
-        # 3.12.14+ hands a redirect the payload of the first attempt.
-        f = body if is_file(body) else getattr(body, "_value", None)
-        if is_file(f):
-            state = existing_state(f)
-            if state is not None and state.scopes:
-                _rewind(f, state)
-                if f is not body:
-                    _PAYLOAD_GENERATION[body] = state.generation
-        original(self, body, *args, **kwargs)
+                # 3.12.14+ hands a redirect the payload of the first attempt.
+                f = getattr(body, "_value", None)
+                if not is_file(f):
+                    f = None
+            if f is not None:
+                entry = _STATES.get(id(f))
+                if entry is not None and entry[0]() is f and entry[1].scopes:
+                    state = entry[1]
+                    if state.builds:
+                        _rewind(f, state)
+                    else:
+                        state.builds = 1  # the first build: nothing to rewind
+                    if f is not body:
+                        _PAYLOAD_GENERATION[body] = state.generation
+        if args or kwargs:
+            original(self, body, *args, **kwargs)
+        else:
+            original(self, body)  # a plain call is cheaper than f(*a, **kw)
 
     return update_body_from_data

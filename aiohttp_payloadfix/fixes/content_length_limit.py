@@ -73,8 +73,11 @@ def open_length(writer: Any) -> Optional[int]:
     Only aiohttp's own StreamWriter carries the declared length; other writers
     inherit ``AbstractStreamWriter.length = 0``, which means nothing here.
     """
-    if isinstance(writer, StreamWriter):
-        return writer.length
+    # The MRO first: coalesced-headers switches the writer to a subclass while
+    # it holds the head, and StreamWriter is an ABC (a Python-level check).
+    if StreamWriter in type(writer).__mro__ or isinstance(writer, StreamWriter):
+        length: Optional[int] = writer.length
+        return length
     return None
 
 
@@ -131,6 +134,7 @@ BELOW = "_payloadfix_below"
 
 #: In-memory payloads whose ``size`` is exactly what they write.
 _EXACT_BODIES = frozenset({payload.BytesPayload, payload.StringPayload})
+_BYTES_IO = payload.BytesIOPayload
 
 
 def below(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -153,7 +157,9 @@ def declared_body(
     Worked out once per write: the wrappers of write_bytes run one after the
     other, synchronously, and all ask.
     """
-    if not isinstance(writer, StreamWriter):
+    if StreamWriter not in type(writer).__mro__ and not isinstance(
+        writer, StreamWriter
+    ):
         return None
     cached = getattr(request, _SENDING, None)
     if cached is not None and cached[0] == id(writer):
@@ -195,27 +201,62 @@ def bypass(
     or exactly its size, is declared: it can be neither longer nor shorter than
     declared, and it writes exactly the declared bytes. That is the path of
     nearly every request, so it is kept cheap.
+
+    A BytesIO is in memory too: when its size is the declared length it is
+    sent the same way, the writer limited to that length (the limit's part). A
+    BytesIO changed by another task while it is being sent is a race of the
+    caller's: the writer still stops at the declared length, but a body that
+    shrank then is not reported.
     """
     target = below(original)
     target_takes_length = takes_length(target)
+    # Payload.size is a property returning _size, which neither exact type
+    # overrides on any release: read the attribute, no frame.
+    exact_size: Callable[[Any], int] = (
+        operator.attrgetter("_size")
+        if not any("size" in vars(cls) for cls in _EXACT_BODIES)
+        else operator.attrgetter("size")
+    )
+
+    size_kept = "__init__" in vars(_BYTES_IO)  # it sets _size
 
     def skip(
         self: Any, writer: Any, conn: Any, content_length: Optional[int]
     ) -> Optional[Awaitable[None]]:
+        if content_length is None and target_takes_length:
+            return None  # a 3.11-style call on 3.12: the length is needed
         body = _body_of(self)
-        if type(body) not in _EXACT_BODIES:
-            return None
+        cls = type(body)
         value = self.headers.get(hdrs.CONTENT_LENGTH)
-        if value is not None:
-            try:
-                if int(value) != body.size:
+        if cls in _EXACT_BODIES:
+            if value is not None:
+                try:
+                    if int(value) != exact_size(body):
+                        return None
+                except ValueError:
                     return None
-            except ValueError:
-                return None
-        if content_length is None:
-            if target_takes_length:
-                return None  # a 3.11-style call on 3.12: the length is needed
-            return target(self, writer, conn)  # type: ignore[no-any-return]
+        elif cls is _BYTES_IO:
+            if value is not None:
+                try:
+                    declared = int(value)
+                    # BytesIOPayload.size, without its property frame: kept
+                    # from the start (3.12.8+), or what is left of the buffer.
+                    if size_kept:
+                        size = body._size
+                    else:
+                        f = body._value
+                        size = len(f.getbuffer()) - f.tell()
+                    if declared != size:
+                        return None
+                except ValueError:  # a closed BytesIO has no size
+                    return None
+                if writer.length is None and (
+                    StreamWriter in type(writer).__mro__
+                    or isinstance(writer, StreamWriter)
+                ):
+                    writer.length = declared
+        else:
+            return None
         if target_takes_length:
             return target(self, writer, conn, content_length)  # type: ignore[no-any-return]
         return target(self, writer, conn)  # type: ignore[no-any-return]

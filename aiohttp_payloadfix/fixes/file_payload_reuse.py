@@ -36,15 +36,17 @@ from __future__ import annotations
 
 import asyncio
 import io
-from typing import Any, Awaitable, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 from aiohttp import client, client_reqrep, payload
+from aiohttp.http_writer import StreamWriter
 
 from .._filebody import (
     Superseded,
     build_request_scope,
     build_rewind,
     close_soon,
+    existing_state,
     read_current,
     state_of,
     tell,
@@ -58,20 +60,12 @@ __all__ = ("FIX",)
 _READ_SIZE = 2**16
 
 
-def _size_of(pl: payload.Payload) -> Optional[int]:
+def _limits(pl: Any, writer: Any) -> Tuple[Optional[int], int, Optional[str]]:
+    """``(bytes to write or None: to the end, extra bytes to peek, encoding)``."""
     try:
-        return pl.size
+        size: Optional[int] = pl.size
     except (OSError, ValueError):
-        return None
-
-
-async def _write_file(pl: Any, writer: Any) -> None:
-    f = pl._value
-    state = state_of(f)
-    generation = state.generation
-    if state.start is None:
-        state.start = tell(f)
-    size = _size_of(pl)
+        size = None
     remaining = open_length(writer)
     limit = size
     if remaining is not None and (size is None or remaining < size):
@@ -83,7 +77,16 @@ async def _write_file(pl: Any, writer: Any) -> None:
     encoding: Optional[str] = None
     if payload.TextIOPayload in type(pl).__mro__:  # no ABC check (Payload is one)
         encoding = pl._encoding or "utf-8"
-    in_memory = isinstance(f, io.BytesIO)
+    return limit, peek, encoding
+
+
+async def _write_file(pl: Any, writer: Any) -> None:
+    f = pl._value
+    state = state_of(f)
+    generation = state.generation
+    if state.start is None:
+        state.start = tell(f)
+    limit, peek, encoding = _limits(pl, writer)
     loop = asyncio.get_running_loop()
     written = 0
     state.writers += 1
@@ -93,11 +96,7 @@ async def _write_file(pl: Any, writer: Any) -> None:
             want = (
                 _READ_SIZE if limit is None else min(_READ_SIZE, limit - written + peek)
             )
-            if in_memory:
-                if state.generation != generation:
-                    raise Superseded
-                chunk = f.read(want)
-            elif limit == 0:
+            if limit == 0:
                 # Declared empty: the server may answer before a read in a
                 # thread returns, and its answer cancels this write; so the
                 # one-byte peek happens on the loop.
@@ -127,9 +126,53 @@ async def _write_file(pl: Any, writer: Any) -> None:
 
 
 def _build_write(original: Callable[..., Any]) -> Callable[..., Any]:
-    # A plain function returning the coroutine: no extra frame per request.
-    def write(self: Any, writer: Any) -> Awaitable[None]:
-        return _write_file(self, writer)
+    async def write(self: Any, writer: Any) -> None:
+        f = self._value
+        if not isinstance(f, io.BytesIO):
+            # A file: its reads cost far more than this frame.
+            await _write_file(self, writer)
+            return
+        # A BytesIO, inline (one frame less on the common in-memory path):
+        # read on the loop, never closed (see close_soon), outside a request
+        # call (no state) never superseded. Its size is not needed: reading up
+        # to one byte past what the writer still accepts ends at the end of
+        # the buffer, or shows an over-long body (the writer drops the excess)
+        # without a read after the last byte.
+        remaining: Optional[int] = (  # open_length, inline
+            writer.length
+            if StreamWriter in type(writer).__mro__ or isinstance(writer, StreamWriter)
+            else None
+        )
+        if remaining == 0:
+            return  # nothing declared is left: not even a byte is read
+        want = _READ_SIZE if remaining is None else min(_READ_SIZE, remaining + 1)
+        chunk = f.read(want)
+        if len(chunk) < want or remaining is not None and len(chunk) > remaining:
+            # All of it in one read, the usual case: nothing can have
+            # superseded this attempt before its first await.
+            if chunk:
+                await writer.write(chunk)
+            return
+        # More reads: each after an await, so each checks that no resend took
+        # the file over in between. The generation is this attempt's: no
+        # await yet.
+        state = existing_state(f)
+        generation = 0 if state is None else state.generation
+        written = len(chunk)
+        await writer.write(chunk)
+        while remaining is None or written < remaining:
+            if state is not None and state.generation != generation:
+                return  # superseded by a resend
+            want = (
+                _READ_SIZE
+                if remaining is None
+                else min(_READ_SIZE, remaining - written + 1)
+            )
+            chunk = f.read(want)
+            if not chunk:
+                return
+            written += len(chunk)
+            await writer.write(chunk)
 
     return write
 

@@ -18,7 +18,9 @@ Either way with :class:`ContentLengthError` (an
 ``aiohttp.ClientConnectionError``) naming the declared and the sent byte
 counts and the body type, and the connection is closed, never pooled. A
 response the server sent before (413 without reading the body) still reaches
-the caller: the end of that response stops the write first.
+the caller: the end of that response stops the write first. A BytesIO whose
+size is the declared length is taken as exact (content-length-limit's bypass):
+one that another task shrinks while it is being sent is not caught.
 """
 
 from __future__ import annotations

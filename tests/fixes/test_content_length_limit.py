@@ -748,3 +748,42 @@ async def test_raw_server_sees_what_is_on_the_wire(
     assert bool(raw_server.failures) is failed
     if not failed:
         assert raw_server.requests[0].body == b"abcde"
+
+
+# --------------------------------------------------------------------------
+# A BytesIO whose size is the declared length skips the contract wrappers
+# (content_length_limit.bypass); the writer is still limited.
+
+
+class _GrowingBytesIO(io.BytesIO):
+    """Grows by ``extra`` bytes at its first read: changed while being sent."""
+
+    def __init__(self, data: bytes, extra: bytes) -> None:
+        super().__init__(data)
+        self.extra = extra
+
+    def read(self, size: Optional[int] = -1) -> bytes:
+        if self.extra:
+            position = self.tell()
+            self.seek(0, io.SEEK_END)
+            self.write(self.extra)
+            self.seek(position)
+            self.extra = b""
+        return super().read(size)
+
+
+async def test_bytesio_grown_while_sent_stops_at_declared_length(
+    fixed: FixState, raw_server: RawHTTPServer
+) -> None:
+    data = body_bytes(3 * CHUNK, 3 * CHUNK)
+    body = _GrowingBytesIO(data, b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n")
+    with overlong_policy("truncate"):
+        async with aiohttp.ClientSession(timeout=SAFETY) as session:
+            async with session.post(raw_server.url("/upload"), data=body) as resp:
+                assert resp.status == 200
+    await raw_server.settle()
+    raw_server.assert_clean()
+    [request] = raw_server.requests
+    assert request.header("Content-Length") == str(len(data))
+    assert request.body == data
+    assert request.complete
