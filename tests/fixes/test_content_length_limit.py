@@ -477,7 +477,14 @@ async def test_generator_stops_at_the_limit(
 async def test_overrun_bug_reproduces(
     kind: Kind, unfixed: FixState, raw_server: RawHTTPServer, ctx: Ctx
 ) -> None:
-    await send(kind, 65537, "smaller", raw_server, ctx)
+    try:
+        await send(kind, 65537, "smaller", raw_server, ctx)
+    except aiohttp.ClientOSError:
+        # The server answers and closes once the declared bytes are in: a
+        # client that fails writing after that was sending bytes beyond them.
+        if not overruns_as_released(kind):
+            raise
+        return
     if overruns_as_released(kind):
         assert raw_server.stray or raw_server.failures
     else:
