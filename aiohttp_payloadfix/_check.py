@@ -297,6 +297,22 @@ async def _head_with_body(server: _Server) -> Outcome:
     return Outcome(f"{per:g} write{'s' if per != 1 else ''} per request", per == 1)
 
 
+async def _expect_rejected(server: _Server) -> Outcome:
+    # The server refuses the body (413) instead of sending 100 Continue, so
+    # the body is never sent: the connection must not go back to the pool.
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            server.url + "/expect-reject", data=b"x" * 1024, expect100=True
+        ) as resp:
+            status = resp.status
+            await resp.read()
+        for _ in range(5):
+            await asyncio.sleep(0.01)
+        connector: Any = session.connector
+        pooled = sum(len(v) for v in connector._conns.values())
+    return Outcome(f"{status}, {pooled} pooled", status == 413 and pooled == 0)
+
+
 SCENARIOS: Tuple[Scenario, ...] = (
     Scenario("seed: BytesIO(), Content-Length: 0", "file-payload-reuse", _seed),
     Scenario("20 POSTs of BytesIO(1 KiB)", "file-payload-reuse", _bytesio_reuse),
@@ -321,6 +337,11 @@ SCENARIOS: Tuple[Scenario, ...] = (
     ),
     Scenario("text file, CRLF newlines", "computed-lengths", _crlf_text),
     Scenario(
+        "Expect: 100-continue answered 413",
+        "expect-continue-close",
+        _expect_rejected,
+    ),
+    Scenario(
         "10 POSTs of 1 KiB bytes, client writes", "coalesced-headers", _head_with_body
     ),
 )
@@ -336,7 +357,11 @@ async def _serve() -> Tuple[web.AppRunner, _Server]:
             raise web.HTTPTemporaryRedirect("/upload")
         return web.Response(body=b"")
 
+    async def reject(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=413)
+
     app = web.Application(client_max_size=1 << 30)
+    app.router.add_route("POST", "/expect-reject", record, expect_handler=reject)
     app.router.add_route("*", "/{tail:.*}", record)
     runner = web.AppRunner(app, access_log=None, logger=_QUIET)
     await runner.setup()
