@@ -22,6 +22,7 @@ import base64
 import collections
 import hashlib
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any, Counter, Dict, Optional, Tuple
@@ -244,6 +245,12 @@ async def test_connection_bound_catches_closed_connections_unfixed(
     (aio-libs/aiohttp#10325)."""
     if not fix_needed("file-payload-reuse") or AIOHTTP_VERSION < (3, 10, 6):
         pytest.skip(f"aiohttp {aiohttp.__version__} reuses those connections")
+    if sys.version_info >= (3, 12):
+        # aiohttp starts the body write eagerly there, and with the head held
+        # for the body (coalesced-headers) the race closes too few of these
+        # connections to show against the bound; the file-payload-reuse
+        # tests reproduce it with sequential uploads on every Python.
+        pytest.skip("the race is rare with eager task start (Python 3.12+)")
     with switched("file-payload-reuse", False):
         result, server = await run_load(tmp_path, 200)
     assert server.failures == []
