@@ -15,9 +15,11 @@ import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, AsyncIterator, Callable, Dict, Iterator, List, Optional, Tuple
 
 import aiohttp
+import pytest
+import pytest_asyncio
 from conftest import RawHTTPServer, RawRequest, Reply, _Abort, switched
 from yarl import URL
 
@@ -310,3 +312,46 @@ class Opened:
                 f.gate.set()
                 f.block_close = False
             f.close()
+
+
+# --------------------------------------------------------------------------
+# Fixtures and steps the fault test modules share (imported there by name).
+
+NEXT_BODY = b"next request"
+
+
+@pytest_asyncio.fixture
+async def server() -> AsyncIterator[FaultServer]:
+    srv = FaultServer()
+    await srv.start()
+    try:
+        yield srv
+    finally:
+        await srv.close()
+
+
+@pytest.fixture
+def opened() -> Iterator[Opened]:
+    files = Opened()
+    yield files
+    files.close_all()
+
+
+@pytest.fixture
+def body_path(tmp_path: Path) -> Callable[[int], Tuple[Path, bytes]]:
+    def make(size: int) -> Tuple[Path, bytes]:
+        data = content(size)
+        path = tmp_path / f"body-{size}.txt"
+        path.write_bytes(data)
+        return path, data
+
+    return make
+
+
+async def next_request_works(
+    session: aiohttp.ClientSession, server: FaultServer
+) -> None:
+    """The session's next request succeeds (on a new or a sound connection)."""
+    async with session.post(server.url("/next"), data=NEXT_BODY) as resp:
+        assert resp.status == 200
+        await resp.read()

@@ -22,14 +22,13 @@ import hashlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterator, List, Optional, Tuple
+from typing import Any, AsyncIterator, Callable, List, Optional, Tuple
 
 import aiohttp
 import pytest
-import pytest_asyncio
 from aiohttp import base_protocol
 from conftest import ConnectionCounter, Reply, fix_needed
-from faults_support import (
+from faults_support import (  # with the shared pytest fixtures
     POOLS_REASON,
     RESPONSE_CLOSE_POOLS,
     SAFETY,
@@ -39,9 +38,13 @@ from faults_support import (
     Opened,
     assert_complete_bodies,
     assert_never_reused_in_doubt,
+    body_path,
     content,
     eventually_closed,
+    next_request_works,
+    opened,
     released,
+    server,
     wait_for,
 )
 
@@ -49,7 +52,6 @@ import aiohttp_payloadfix
 from aiohttp_payloadfix._fix import AIOHTTP_VERSION
 from aiohttp_payloadfix._ledger import LEDGER
 
-NEXT_BODY = b"next request"
 #: 3.12 sends the request head with the first body chunk, and so does an
 #: older release with coalesced-headers applied.
 HEAD_WAITS_FOR_BODY = AIOHTTP_VERSION >= (3, 12, 0)
@@ -57,31 +59,6 @@ HEAD_WAITS_FOR_BODY = AIOHTTP_VERSION >= (3, 12, 0)
 
 def head_waits_for_body() -> bool:
     return HEAD_WAITS_FOR_BODY or LEDGER.is_applied("coalesced-headers")
-
-
-@pytest_asyncio.fixture
-async def server() -> AsyncIterator[FaultServer]:
-    srv = FaultServer()
-    await srv.start()
-    try:
-        yield srv
-    finally:
-        await srv.close()
-
-
-@pytest.fixture
-def opened() -> Iterator[Opened]:
-    files = Opened()
-    yield files
-    files.close_all()
-
-
-async def next_request_works(
-    session: aiohttp.ClientSession, server: FaultServer
-) -> None:
-    async with session.post(server.url("/next"), data=NEXT_BODY) as resp:
-        assert resp.status == 200
-        await resp.read()
 
 
 def uploads(server: FaultServer) -> List[Any]:
@@ -120,17 +97,6 @@ FILE_KINDS = tuple(k for k in KINDS if k.closes or k.stays_open)
 
 def _kid(kind: Kind) -> str:
     return kind.name
-
-
-@pytest.fixture
-def body_path(tmp_path: Path) -> Callable[[int], Tuple[Path, bytes]]:
-    def make(size: int) -> Tuple[Path, bytes]:
-        data = content(size)
-        path = tmp_path / f"body-{size}.txt"
-        path.write_bytes(data)
-        return path, data
-
-    return make
 
 
 #: 3.12.0-3.12.7 close a BytesIO body after writing it (3.12.8 stopped).

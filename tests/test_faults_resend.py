@@ -17,10 +17,8 @@ from pathlib import Path
 from typing import (
     IO,
     Any,
-    AsyncIterator,
     Callable,
     Dict,
-    Iterator,
     List,
     Optional,
     Tuple,
@@ -28,18 +26,21 @@ from typing import (
 
 import aiohttp
 import pytest
-import pytest_asyncio
 from conftest import ConnectionCounter, RawRequest, Reply, fix_needed
-from faults_support import (
+from faults_support import (  # with the shared pytest fixtures
     SAFETY,
     FaultServer,
     Opened,
     QueuedRoutes,
     assert_complete_bodies,
     assert_never_reused_in_doubt,
+    body_path,
     content,
     eventually_closed,
+    next_request_works,
+    opened,
     released,
+    server,
 )
 
 import aiohttp_payloadfix
@@ -70,34 +71,6 @@ OPENERS: Dict[str, Opener] = {
     "open(r)": _text,
     "BytesIO": _bytesio,
 }
-
-
-@pytest_asyncio.fixture
-async def server() -> AsyncIterator[FaultServer]:
-    srv = FaultServer()
-    await srv.start()
-    try:
-        yield srv
-    finally:
-        await srv.close()
-
-
-@pytest.fixture
-def opened() -> Iterator[Opened]:
-    files = Opened()
-    yield files
-    files.close_all()
-
-
-@pytest.fixture
-def body_path(tmp_path: Path) -> Callable[[int], Tuple[Path, bytes]]:
-    def make(size: int) -> Tuple[Path, bytes]:
-        data = content(size)
-        path = tmp_path / f"body-{size}.txt"
-        path.write_bytes(data)
-        return path, data
-
-    return make
 
 
 def to(server: FaultServer, target: str) -> List[RawRequest]:
@@ -134,8 +107,7 @@ async def call(
                 await r.read()
         except (ValueError, aiohttp.ClientError) as exc:
             error = exc
-        async with session.post(server.url("/next"), data=b"next") as resp:
-            assert resp.status == 200
+        await next_request_works(session, server)
     await server.settle()
     return error
 
@@ -266,8 +238,7 @@ async def test_redirected_put(
                 assert resp.status == 200
         except (ValueError, aiohttp.ClientError) as exc:
             error = exc
-        async with session.post(server.url("/next"), data=b"next") as resp:
-            assert resp.status == 200
+        await next_request_works(session, server)
     await server.settle()
     assert_never_reused_in_doubt(server)
     assert_complete_bodies([r for r in server.requests if r.target != "/next"], data)

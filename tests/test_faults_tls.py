@@ -8,14 +8,14 @@ import asyncio
 import ssl
 import sys
 from pathlib import Path
-from typing import AsyncIterator, Callable, Iterator, List, Optional, Tuple
+from typing import AsyncIterator, Callable, List, Optional, Tuple
 
 import aiohttp
 import pytest
 import pytest_asyncio
 import trustme
 from conftest import ConnectionCounter, Reply, fix_needed
-from faults_support import (
+from faults_support import (  # with the shared pytest fixtures
     SAFETY,
     FaultServer,
     GatedFile,
@@ -23,8 +23,10 @@ from faults_support import (
     Opened,
     assert_complete_bodies,
     assert_never_reused_in_doubt,
-    content,
+    body_path,
     eventually_closed,
+    next_request_works,
+    opened,
     released,
     wait_for,
 )
@@ -56,24 +58,6 @@ async def server(ca: trustme.CA) -> AsyncIterator[FaultServer]:
         await srv.close()
 
 
-@pytest.fixture
-def opened() -> Iterator[Opened]:
-    files = Opened()
-    yield files
-    files.close_all()
-
-
-@pytest.fixture
-def body_path(tmp_path: Path) -> Callable[[int], Tuple[Path, bytes]]:
-    def make(size: int) -> Tuple[Path, bytes]:
-        data = content(size)
-        path = tmp_path / f"body-{size}.txt"
-        path.write_bytes(data)
-        return path, data
-
-    return make
-
-
 def session(
     connections: ConnectionCounter,
     context: ssl.SSLContext,
@@ -82,12 +66,6 @@ def session(
     return connections.session(
         connector=aiohttp.TCPConnector(ssl=context), timeout=timeout
     )
-
-
-async def next_request_works(s: aiohttp.ClientSession, server: FaultServer) -> None:
-    async with s.post(server.url("/next"), data=b"next") as resp:
-        assert resp.status == 200
-        await resp.read()
 
 
 async def test_tls_sequential_file_uploads_one_connection(
