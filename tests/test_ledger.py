@@ -369,9 +369,7 @@ class TestQueries:
         ledger.apply("fix-a", [Patch(Child, "greet", wrap_method)])
         assert ledger.get_original(Child, "greet") is vars(Base)["greet"]
 
-    def test_get_original_inherited_from_patched_parent(
-        self, ledger: Ledger
-    ) -> None:
+    def test_get_original_inherited_from_patched_parent(self, ledger: Ledger) -> None:
         original = vars(Base)["greet"]
         ledger.apply(
             "fix-a",

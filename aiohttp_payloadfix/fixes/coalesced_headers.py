@@ -22,14 +22,25 @@ first byte leaves the head unsent; aiohttp closes that connection in both
 cases, so nothing half-written is reused. Tracing signals fire as before:
 ``on_request_headers_sent`` when the head is made, ``on_request_chunk_sent``
 per chunk. Once the head is out the writer is aiohttp's own class again.
+
+Holding the head must not delay it. On Python 3.12+ aiohttp (3.10.5+) starts
+the body write eagerly, inside ``send()``; elsewhere the write is a task that
+runs a loop iteration later, so the request (head and body) would reach the
+server later than the unpatched client's head does, and a sequential client
+would wait for the server longer. So where ``send()`` does not start it
+eagerly, the body write of a small in-memory body (``bytes``, ``str``,
+``BytesIO``, at most 64 KiB; no tracing, compression, ``Expect`` or paused
+transport: nothing in it can run user code or wait) takes its first step at
+once, in a copy of the caller's context, as Python 3.12's eager tasks do; the
+task ``send()`` makes finishes what is left, if anything.
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set
 
-from aiohttp import client_proto, http_writer
+from aiohttp import client_proto, client_reqrep, hdrs, http_writer, payload
 from multidict import CIMultiDict
 
 from .._fix import Fix
@@ -40,6 +51,10 @@ __all__ = ("FIX",)
 #: Chunks up to this size are joined to the head (copying them is cheaper
 #: than a second send); larger ones follow it in their own write.
 _JOIN_LIMIT = 2**16
+
+
+#: The classes writers are switched to while they hold a head.
+_HOLDING: Set[type] = set()
 
 
 def _held_class(base: Any) -> type:
@@ -56,7 +71,7 @@ def _held_class(base: Any) -> type:
         return head
 
     def _write(self: Any, chunk: Any) -> None:
-        if not hasattr(self, "_payloadfix_head"):
+        if self._payloadfix_head is None:
             # The head itself, from base.write_headers: hold it.
             self._payloadfix_head = chunk
             return
@@ -84,10 +99,11 @@ def _held_class(base: Any) -> type:
         base._write(self, release(self))
         base.set_eof(self)
 
-    namespace = {
+    namespace: Dict[str, Any] = {
         "__module__": __name__,
         "__qualname__": f"HeadHolding{base.__name__}",
         "__doc__": "aiohttp's StreamWriter while a request head waits for its body.",
+        "_payloadfix_head": None,
         "_write": _write,
         "drain": drain,
     }
@@ -96,13 +112,34 @@ def _held_class(base: Any) -> type:
         namespace["_writelines"] = _writelines
     if "set_eof" in dir(base):
         namespace["set_eof"] = set_eof
-    return type(f"HeadHolding{base.__name__}", (base,), namespace)
+    held = type(f"HeadHolding{base.__name__}", (base,), namespace)
+    _HOLDING.add(held)
+    return held
+
+
+def _quiet(callback: Any, signal: str) -> bool:
+    """Whether a writer's trace callback (``on_headers_sent``,
+    ``on_chunk_sent``) has nothing to call: no callback, or one whose
+    request's trace configs have no receiver for ``signal``. aiohttp sets the
+    callbacks whenever a session has trace configs, whatever they listen to
+    (a connection counter, OpenTelemetry's request spans); awaiting one then
+    only sends empty signals."""
+    if callback is None:
+        return True
+    try:
+        traces = callback.func.__self__._traces
+        return not any(getattr(t._trace_config, signal) for t in traces)
+    except AttributeError:  # not aiohttp's own partial(request method)
+        return False
 
 
 def _build_write_headers(original: Callable[..., Any]) -> Callable[..., Any]:
     base = http_writer.StreamWriter
     held = _held_class(base)
     client_protocol = client_proto.ResponseHandler
+    # What write_headers does on 3.9-3.11 after its trace signal: serialise
+    # the head (C or Python, as aiohttp chose) and write it.
+    serialize = getattr(http_writer, "_serialize_headers", None)
 
     async def hold_head(self: Any, status_line: str, headers: Any) -> None:
         self.__class__ = held
@@ -112,16 +149,134 @@ def _build_write_headers(original: Callable[..., Any]) -> Callable[..., Any]:
             # The head was not made (a trace signal or the serialiser raised).
             self.__class__ = base
             raise
-        if not hasattr(self, "_payloadfix_head"):  # pragma: no cover - defensive
-            self.__class__ = base
 
     # A plain function: a server response gets aiohttp's own coroutine.
     def write_headers(self: Any, status_line: str, headers: Any) -> Any:
-        if type(self) is base and isinstance(self._protocol, client_protocol):
+        if type(self) is not base or not isinstance(self._protocol, client_protocol):
+            return original(self, status_line, headers)
+        if serialize is None or not _quiet(
+            self._on_headers_sent, "on_request_headers_sent"
+        ):
             return hold_head(self, status_line, headers)
-        return original(self, status_line, headers)
+        # No signal receiver to await: the head is made here, and kept.
+        self._payloadfix_head = serialize(status_line, headers)  # type: ignore[attr-defined]
+        self.__class__ = held
+        return _sent()
 
     return write_headers
+
+
+async def _sent() -> None:
+    return None
+
+
+async def _drained(writer: Any, protocol: Any) -> None:
+    await writer.drain()
+    protocol.start_timeout()
+
+
+def _ready(protocol: Any) -> Optional[Any]:
+    """The transport, when the request can go to it whole right now."""
+    if protocol is None:
+        return None
+    transport = protocol.transport
+    if transport is None or transport.is_closing() or protocol.writing_paused:
+        return None
+    return transport
+
+
+def _send_whole(writer: Any, protocol: Any, transport: Any, data: Any) -> Any:
+    """Write the held head and the whole body; what the write task awaits."""
+    head = writer._payloadfix_head
+    writer.__class__ = http_writer.StreamWriter
+    del writer._payloadfix_head
+    size = len(data)
+    if size <= _JOIN_LIMIT:
+        transport.write(head + data)
+    else:  # not copied
+        transport.write(head)
+        transport.write(data)
+    sent = len(head) + size
+    writer.buffer_size += sent
+    writer.output_size += sent
+    if writer.length is not None:
+        writer.length -= size
+    writer._eof = True
+    if protocol.writing_paused:
+        # As write_eof() would: the read timeout starts once the transport
+        # has taken the body.
+        return _drained(writer, protocol)
+    protocol.start_timeout()
+    return None
+
+
+def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
+    from .._ledger import LEDGER  # noqa: PLC0415 - the ledger imports the fixes
+
+    exact = (payload.BytesPayload, payload.StringPayload)
+    bytes_io = payload.BytesIOPayload
+    content_length = hdrs.CONTENT_LENGTH
+
+    async def in_task(self: Any, writer: Any, conn: Any, args: Any, f: Any) -> None:
+        protocol = conn.protocol
+        transport = _ready(protocol)
+        if transport is None or type(writer) not in _HOLDING:
+            # Things changed while the task waited: aiohttp's own path.
+            await original(self, writer, conn, *args)
+            return
+        data = self.body._value if f is None else f.read(self.body.size)
+        drained = _send_whole(writer, protocol, transport, data)
+        if drained is not None:
+            await drained
+
+    # A plain function: any other request gets the original's coroutine.
+    def write_bytes(self: Any, writer: Any, conn: Any, *args: Any) -> Any:
+        if (
+            type(writer) not in _HOLDING
+            or self._continue is not None
+            or writer.chunked
+            or writer._compress is not None
+            or not _quiet(writer._on_chunk_sent, "on_request_chunk_sent")
+        ):
+            return original(self, writer, conn, *args)
+        body = self.body
+        kind = type(body)
+        if kind in exact:
+            data = body._value
+            if type(data) is not bytes and type(data) is not bytearray:
+                return original(self, writer, conn, *args)
+            size = len(data)
+            f = None
+        elif kind is bytes_io and LEDGER.is_applied("file-payload-reuse"):
+            f = body._value
+            try:
+                size = len(f.getbuffer()) - f.tell()
+            except ValueError:  # closed: aiohttp's path tells
+                return original(self, writer, conn, *args)
+            if size > _JOIN_LIMIT:
+                return original(self, writer, conn, *args)
+        else:
+            return original(self, writer, conn, *args)
+        declared = self.headers.get(content_length)
+        if declared is None or declared != str(size):
+            return original(self, writer, conn, *args)
+        protocol = conn.protocol
+        transport = _ready(protocol)
+        if transport is None:
+            return original(self, writer, conn, *args)
+        if getattr(self.loop, "_ready", None):
+            # Other callbacks wait in this loop iteration (concurrent
+            # requests): the write goes with the task, as aiohttp's would,
+            # and writes and answers batch up.
+            return in_task(self, writer, conn, args, f)
+        # Nothing else to run: the request goes now, and the server works on
+        # it while the caller gets ready to read the answer.
+        drained = _send_whole(
+            writer, protocol, transport, data if f is None else f.read(size)
+        )
+        return _sent() if drained is None else drained
+
+    return write_bytes
 
 
 class _Transport:
@@ -164,7 +319,10 @@ def _probe() -> Optional[str]:
 
 
 def _patches() -> Sequence[Patch]:
-    return (Patch(http_writer.StreamWriter, "write_headers", _build_write_headers),)
+    return (
+        Patch(http_writer.StreamWriter, "write_headers", _build_write_headers),
+        Patch(client_reqrep.ClientRequest, "write_bytes", _build_write_bytes),
+    )
 
 
 FIX = Fix(
