@@ -252,6 +252,179 @@ async def test_many_requests_on_one_connection(
 
 
 # --------------------------------------------------------------------------
+# When the request goes out. Holding the head must not make it later than
+# the unpatched client's head: with an idle loop a small in-memory body goes
+# out, with its head, before send() returns; under load (other callbacks
+# ready) it goes with the write task, as aiohttp's body does.
+
+
+@dataclass
+class SendWatch:
+    """The client's writes as they stood when each ``send()`` returned."""
+
+    wire: Wire
+    at_return: List[List[bytes]] = field(default_factory=list)
+    busy: bool = False
+
+
+@pytest.fixture
+def send_watch(monkeypatch: pytest.MonkeyPatch, wire: Wire) -> SendWatch:
+    from aiohttp import client_reqrep
+
+    watch = SendWatch(wire)
+    send = client_reqrep.ClientRequest.send
+
+    async def watched(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if watch.busy:
+            # Another callback ready in this iteration: a loop under load.
+            asyncio.get_running_loop().call_soon(lambda: None)
+        resp = await send(self, *args, **kwargs)
+        watch.at_return.append(wire.client())
+        return resp
+
+    monkeypatch.setattr(client_reqrep.ClientRequest, "send", watched)
+    return watch
+
+
+IN_MEMORY: Dict[str, Callable[[], Any]] = {
+    "empty bytes": lambda: b"",
+    "bytes": lambda: b"x" * KiB,
+    "str": lambda: "s" * KiB,
+    "bytearray": lambda: bytearray(b"y" * KiB),
+    "BytesIO": lambda: io.BytesIO(b"z" * KiB),
+    "64 KiB BytesIO": lambda: io.BytesIO(b"w" * (64 * KiB)),
+    "1 MiB bytes": lambda: b"m" * (1024 * KiB),
+}
+
+
+def content(data: Any) -> bytes:
+    if isinstance(data, io.BytesIO):
+        return data.getvalue()
+    if isinstance(data, str):
+        return data.encode()
+    return bytes(data)
+
+
+@pytest.mark.skipif(not AFFECTED, reason="3.12+: aiohttp's own timing")
+@pytest.mark.parametrize("kind", list(IN_MEMORY))
+async def test_in_memory_body_goes_out_before_send_returns(
+    fixed: FixState, raw_server: RawHTTPServer, send_watch: SendWatch, kind: str
+) -> None:
+    data = IN_MEMORY[kind]()
+    expected = content(data)
+    await post(raw_server, data)
+    assert one_request(raw_server) == expected
+    (at_return,) = send_watch.at_return
+    assert b"".join(at_return) == b"".join(send_watch.wire.client())
+    head, rest = head_of(b"".join(at_return))
+    assert rest == expected
+    # One write, unless the body is too large to copy into the head's.
+    assert len(at_return) == (1 if len(expected) <= 64 * KiB else 2)
+
+
+@pytest.mark.skipif(not AFFECTED, reason="3.12+: aiohttp's own timing")
+async def test_bug_reproduces_unfixed_the_body_waits_for_the_task(
+    unfixed: FixState, raw_server: RawHTTPServer, send_watch: SendWatch
+) -> None:
+    await post(raw_server, b"x" * KiB)
+    (at_return,) = send_watch.at_return
+    assert [head_of(w)[1] for w in at_return] == [b""]  # the head only
+
+
+@pytest.mark.skipif(not AFFECTED, reason="3.12+: aiohttp's own timing")
+@pytest.mark.parametrize("kind", ["bytes", "BytesIO"])
+async def test_under_load_the_body_goes_with_the_task(
+    fixed: FixState, raw_server: RawHTTPServer, send_watch: SendWatch, kind: str
+) -> None:
+    if not hasattr(asyncio.get_running_loop(), "_ready"):
+        pytest.skip("this event loop does not show its ready callbacks")
+    send_watch.busy = True
+    data = IN_MEMORY[kind]()
+    expected = content(data)
+    await post(raw_server, data)
+    assert one_request(raw_server) == expected
+    assert send_watch.at_return == [[]]  # nothing yet, not even the head
+    (write,) = send_watch.wire.client()
+    assert head_of(write)[1] == expected
+
+
+@pytest.mark.skipif(not AFFECTED, reason="3.12+: aiohttp's own timing")
+async def test_a_body_not_sent_whole_waits_for_the_task(
+    fixed: FixState, raw_server: RawHTTPServer, send_watch: SendWatch
+) -> None:
+    """Only a plain in-memory body of its declared length goes at once; a
+    chunked one (like a compressed one, or one with Expect) is written by the
+    task, its head with its first chunk."""
+    await post(raw_server, b"x" * KiB, chunked=True)
+    assert one_request(raw_server) == b"x" * KiB
+    assert send_watch.at_return == [[]]
+    first, *_ = send_watch.wire.client()
+    assert head_of(first)[1].startswith(b"400\r\nxxx")
+
+
+@pytest.mark.skipif(not AFFECTED, reason="3.12+: aiohttp's own timing")
+async def test_a_session_tracing_other_signals_still_sends_at_once(
+    fixed: FixState, raw_server: RawHTTPServer, send_watch: SendWatch
+) -> None:
+    """Trace configs make aiohttp set the writer's signal callbacks; with no
+    receiver for the head or chunk signals nothing waits on them."""
+    started: List[str] = []
+    trace = aiohttp.TraceConfig()
+
+    async def on_start(*args: Any) -> None:
+        started.append(args[2].method)
+
+    trace.on_request_start.append(on_start)
+    async with aiohttp.ClientSession(timeout=SAFETY, trace_configs=[trace]) as s:
+        async with s.post(raw_server.url("/upload"), data=b"t" * KiB) as resp:
+            await resp.read()
+    assert started == ["POST"]
+    (at_return,) = send_watch.at_return
+    (write,) = at_return
+    assert head_of(write)[1] == b"t" * KiB
+
+
+@pytest.mark.skipif(not AFFECTED, reason="3.12+: aiohttp's own timing")
+@pytest.mark.filterwarnings("ignore:Sending a large body directly:ResourceWarning")
+async def test_a_large_body_under_backpressure_starts_the_read_timeout_after_it(
+    fixed: FixState,
+) -> None:
+    """8 MiB against a server that reads only after 0.6 s, with a 0.3 s read
+    timeout: the timeout starts once the transport has taken the body (as
+    aiohttp's write_eof does), not when the body was handed over."""
+    body = b"b" * (8 * 1024 * KiB)
+    received = asyncio.Event()
+    done = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(0.6)
+        assert b"content-length: %d" % len(body) in head.lower()
+        await reader.readexactly(len(body))
+        received.set()
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+        done.set()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        timeout = aiohttp.ClientTimeout(total=30, sock_read=0.3)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            async with session.post(f"http://127.0.0.1:{port}/", data=body) as resp:
+                assert resp.status == 200
+        assert received.is_set()
+        await asyncio.wait_for(done.wait(), 10)
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+# --------------------------------------------------------------------------
 # Tracing signals: the same calls, with the same content, in the same order.
 
 
