@@ -396,7 +396,9 @@ async def test_a_large_body_under_backpressure_starts_the_read_timeout_after_it(
     received = asyncio.Event()
     done = asyncio.Event()
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def handle(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
         await asyncio.sleep(0.6)
         assert b"content-length: %d" % len(body) in head.lower()
