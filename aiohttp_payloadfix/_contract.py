@@ -111,6 +111,10 @@ def is_payload(body: Any) -> bool:
 def body_size(body: Any) -> Optional[int]:
     """The size of the body when known before sending, else None."""
     if is_payload(body):
+        value = getattr(body, "_value", None)
+        if type(value) is bytearray:
+            # Resizable: its length now, not when the payload was made.
+            return len(value)
         try:
             size: Optional[int] = body.size
         except (OSError, ValueError):

@@ -23,16 +23,34 @@ cases, so nothing half-written is reused. Tracing signals fire as before:
 ``on_request_headers_sent`` when the head is made, ``on_request_chunk_sent``
 per chunk. Once the head is out the writer is aiohttp's own class again.
 
-Holding the head must not delay it. On Python 3.12+ aiohttp (3.10.5+) starts
-the body write eagerly, inside ``send()``; elsewhere the write is a task that
-runs a loop iteration later, so the request (head and body) would reach the
-server later than the unpatched client's head does, and a sequential client
-would wait for the server longer. So where ``send()`` does not start it
-eagerly, the body write of a small in-memory body (``bytes``, ``str``,
-``BytesIO``, at most 64 KiB; no tracing, compression, ``Expect`` or paused
-transport: nothing in it can run user code or wait) takes its first step at
-once, in a copy of the caller's context, as Python 3.12's eager tasks do; the
-task ``send()`` makes finishes what is left, if anything.
+Holding the head must not delay it. On 3.9-3.11 (below Python 3.12) the body
+is written by a task that runs a loop iteration after ``send()``, so a held
+head would reach the server later than the unpatched client's, which writes
+it inside ``send()``. So the common request is written whole, by a replacement
+``write_bytes``, without aiohttp's chain of body coroutines: an in-memory body
+(``bytes``, ``bytearray``, ``str``; a ``BytesIO`` of at most 64 KiB while
+file-payload-reuse is applied) whose size is its declared Content-Length, not
+chunked, compressed or waiting for ``100 Continue``, on a transport that is
+open and not paused. It goes out in one write with its head (two, not
+copied, above 64 KiB):
+
+* at once, inside ``send()``, when the event loop has nothing else ready
+  (sequential requests): the server works on it while the client gets ready
+  to read the answer;
+* in the write task, as aiohttp's own write, when other callbacks are ready
+  (concurrent requests): writes and answers batch up. (Writing at once there
+  cost 15% of the throughput of 64 concurrent 1 KiB BytesIO requests.)
+
+Every other request takes aiohttp's path, with the held head. A body above
+the transport's high-water mark is followed by a drain before the read
+timeout starts, as ``write_eof()`` does; the writer's byte counts and its
+end-of-message flag are kept as aiohttp's write would leave them.
+
+Trace signals: aiohttp gives a request's writer its signal callbacks whenever
+the session has trace configs, whatever they listen to. Where no trace
+config has a receiver for ``on_request_headers_sent`` (or, for the whole
+request write, ``on_request_chunk_sent``) the empty signal is not awaited;
+with a receiver, it fires as before.
 """
 
 from __future__ import annotations
@@ -217,14 +235,27 @@ def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
     bytes_io = payload.BytesIOPayload
     content_length = hdrs.CONTENT_LENGTH
 
-    async def in_task(self: Any, writer: Any, conn: Any, args: Any, f: Any) -> None:
+    async def in_task(
+        self: Any, writer: Any, conn: Any, args: Any, f: Any, size: int
+    ) -> None:
         protocol = conn.protocol
         transport = _ready(protocol)
-        if transport is None or type(writer) not in _HOLDING:
-            # Things changed while the task waited: aiohttp's own path.
+        if f is None:
+            data = self.body._value
+            left = len(data)
+        else:
+            try:
+                left = len(f.getbuffer()) - f.tell()
+            except ValueError:  # closed meanwhile
+                left = -1
+        if transport is None or type(writer) not in _HOLDING or left != size:
+            # Things changed while the task waited (another task resized the
+            # body, or the connection went): aiohttp's own path, with the
+            # Content-Length fixes.
             await original(self, writer, conn, *args)
             return
-        data = self.body._value if f is None else f.read(self.body.size)
+        if f is not None:
+            data = f.read(size)
         drained = _send_whole(writer, protocol, transport, data)
         if drained is not None:
             await drained
@@ -268,7 +299,7 @@ def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
             # Other callbacks wait in this loop iteration (concurrent
             # requests): the write goes with the task, as aiohttp's would,
             # and writes and answers batch up.
-            return in_task(self, writer, conn, args, f)
+            return in_task(self, writer, conn, args, f, size)
         # Nothing else to run: the request goes now, and the server works on
         # it while the caller gets ready to read the answer.
         drained = _send_whole(

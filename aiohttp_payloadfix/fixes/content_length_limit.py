@@ -197,8 +197,9 @@ def bypass(
     coroutine of the write_bytes below all contract wrappers when the request
     needs none of them, else None (the wrapper then does its work).
 
-    None of them has anything to do when the body is bytes or str and nothing,
-    or exactly its size, is declared: it can be neither longer nor shorter than
+    None of them has anything to do when the body is bytes or str (not a
+    bytearray, which may have been resized since its size was taken) and
+    nothing, or exactly its size, is declared: it can be neither longer nor shorter than
     declared, and it writes exactly the declared bytes. That is the path of
     nearly every request, so it is kept cheap.
 
@@ -229,6 +230,10 @@ def bypass(
         cls = type(body)
         value = self.headers.get(hdrs.CONTENT_LENGTH)
         if cls in _EXACT_BODIES:
+            if type(body._value) is bytearray:
+                # Mutable: its size was taken when the request was built, and
+                # another task may have resized it since.
+                return None
             if value is not None:
                 try:
                     if int(value) != exact_size(body):

@@ -13,7 +13,17 @@ import io
 import zlib
 from asyncio import selector_events
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Dict, Iterator, List, Tuple, Union
+from typing import (
+    Any,
+    AsyncIterator,
+    Callable,
+    Dict,
+    Iterator,
+    List,
+    Optional,
+    Tuple,
+    Union,
+)
 
 import aiohttp
 import pytest
@@ -25,6 +35,8 @@ import aiohttp_payloadfix
 from aiohttp_payloadfix._fix import AIOHTTP_VERSION
 from aiohttp_payloadfix._ledger import LEDGER, MARKER
 from aiohttp_payloadfix.fixes import by_id
+
+from .contract_support import captured_log
 
 FIX_ID = "coalesced-headers"
 SAFETY = aiohttp.ClientTimeout(total=30)
@@ -265,6 +277,8 @@ class SendWatch:
     wire: Wire
     at_return: List[List[bytes]] = field(default_factory=list)
     busy: bool = False
+    #: Called when send() has returned, before the write task runs.
+    after: Optional[Callable[[], None]] = None
 
 
 @pytest.fixture
@@ -280,6 +294,8 @@ def send_watch(monkeypatch: pytest.MonkeyPatch, wire: Wire) -> SendWatch:
             asyncio.get_running_loop().call_soon(lambda: None)
         resp = await send(self, *args, **kwargs)
         watch.at_return.append(wire.client())
+        if watch.after is not None:
+            watch.after()
         return resp
 
     monkeypatch.setattr(client_reqrep.ClientRequest, "send", watched)
@@ -346,6 +362,39 @@ async def test_under_load_the_body_goes_with_the_task(
     assert send_watch.at_return == [[]]  # nothing yet, not even the head
     (write,) = send_watch.wire.client()
     assert head_of(write)[1] == expected
+
+
+@pytest.mark.skipif(not AFFECTED, reason="3.12+: aiohttp's own timing")
+@pytest.mark.parametrize("kind", ["bytearray", "BytesIO"])
+async def test_a_body_resized_before_the_task_runs_takes_aiohttps_path(
+    fixed: FixState,
+    raw_server: RawHTTPServer,
+    send_watch: SendWatch,
+    kind: str,
+) -> None:
+    """Under load the body is read when the task runs: one that another task
+    grew meanwhile is not sent whole but goes through the Content-Length
+    fixes (the declared bytes are sent, the excess is reported)."""
+    if not hasattr(asyncio.get_running_loop(), "_ready"):
+        pytest.skip("this event loop does not show its ready callbacks")
+    send_watch.busy = True
+    data: Any = bytearray(b"r" * KiB) if kind == "bytearray" else io.BytesIO(b"r" * KiB)
+
+    def grow() -> None:
+        if isinstance(data, io.BytesIO):
+            position = data.tell()
+            data.seek(0, io.SEEK_END)
+            data.write(b"+" * 10)
+            data.seek(position)
+        else:
+            data.extend(b"+" * 10)
+
+    send_watch.after = grow
+    with captured_log() as log:
+        await post(raw_server, data)
+    assert one_request(raw_server) == b"r" * KiB
+    (record,) = log.records
+    assert "longer than its Content-Length" in record.getMessage()
 
 
 @pytest.mark.skipif(not AFFECTED, reason="3.12+: aiohttp's own timing")

@@ -794,3 +794,34 @@ async def test_bytesio_grown_while_sent_stops_at_declared_length(
     assert request.header("Content-Length") == str(len(data))
     assert request.body == data
     assert request.complete
+
+
+@pytest.mark.parametrize("policy", ["truncate", "warn"])
+async def test_bytearray_grown_after_the_request_was_built(
+    fixed: FixState, raw_server: RawHTTPServer, policy: str
+) -> None:
+    """A bytearray's size is taken when the request is built; one that grows
+    before its write (here: in the request-headers trace signal) must still
+    stop at the declared length, not smuggle what it gained."""
+    data = bytearray(b"r" * CHUNK)
+    smuggled = b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+    trace = aiohttp.TraceConfig()
+
+    async def grow(*_: Any) -> None:
+        data.extend(smuggled)
+
+    trace.on_request_headers_sent.append(grow)
+    with overlong_policy(policy), captured_log() as log:
+        async with aiohttp.ClientSession(timeout=SAFETY, trace_configs=[trace]) as s:
+            async with s.post(raw_server.url("/upload"), data=data) as resp:
+                assert resp.status == 200
+    await raw_server.settle()
+    raw_server.assert_clean()
+    [request] = raw_server.requests
+    assert request.header("Content-Length") == str(CHUNK)
+    assert request.body == b"r" * CHUNK
+    reported = [m for m in log.messages if "longer than its Content-Length" in m]
+    if policy == "warn" and aiohttp_payloadfix.is_applied("overlong-body-warning"):
+        assert len(reported) == 1
+    else:
+        assert reported == []
