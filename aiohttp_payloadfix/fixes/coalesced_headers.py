@@ -198,7 +198,7 @@ def _ready(protocol: Any) -> Optional[Any]:
     if protocol is None:
         return None
     transport = protocol.transport
-    if transport is None or transport.is_closing() or protocol.writing_paused:
+    if transport is None or transport.is_closing() or protocol._paused:
         return None
     return transport
 
@@ -220,7 +220,7 @@ def _send_whole(writer: Any, protocol: Any, transport: Any, data: Any) -> Any:
     if writer.length is not None:
         writer.length -= size
     writer._eof = True
-    if protocol.writing_paused:
+    if protocol._paused:
         # As write_eof() would: the read timeout starts once the transport
         # has taken the body.
         return _drained(writer, protocol)
