@@ -146,9 +146,27 @@ def _quiet(callback: Any, signal: str) -> bool:
         return True
     try:
         traces = callback.func.__self__._traces
-        return not any(getattr(t._trace_config, signal) for t in traces)
-    except AttributeError:  # not aiohttp's own partial(request method)
+        for trace in traces:
+            config = trace._trace_config
+            known = vars(config).get(_QUIET)
+            if known is None:
+                known = vars(config)[_QUIET] = {}
+            quiet = known.get(signal)
+            if quiet is None:
+                receivers = getattr(config, signal)
+                quiet = not receivers
+                if receivers.frozen:  # as it is once a session uses it
+                    known[signal] = quiet
+            if not quiet:
+                return False
+        return True
+    except (AttributeError, TypeError):  # not aiohttp's own partial(method)
         return False
+
+
+#: Kept on a TraceConfig: {signal name: whether it has no receiver}, once the
+#: session has frozen it (its receivers cannot change after that).
+_QUIET = "_payloadfix_quiet"
 
 
 def _build_write_headers(original: Callable[..., Any]) -> Callable[..., Any]:
