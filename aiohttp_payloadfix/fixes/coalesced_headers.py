@@ -176,7 +176,6 @@ def _build_write_headers(original: Callable[..., Any]) -> Callable[..., Any]:
     # What write_headers does on 3.9-3.11 after its trace signal: serialise
     # the head (C or Python, as aiohttp chose) and write it.
     serialize = getattr(http_writer, "_serialize_headers", None)
-    content_length = hdrs.CONTENT_LENGTH
 
     async def hold_head(self: Any, status_line: str, headers: Any) -> None:
         self.__class__ = held
@@ -195,13 +194,8 @@ def _build_write_headers(original: Callable[..., Any]) -> Callable[..., Any]:
             self._on_headers_sent, "on_request_headers_sent"
         ):
             return hold_head(self, status_line, headers)
-        # No signal receiver to await: the head is made here, and kept...
-        head = serialize(status_line, headers)
-        if headers.get(content_length) == "0":
-            # ...unless nothing can join it: then it goes now, as aiohttp's.
-            base._write(self, head)
-            return _sent()
-        self._payloadfix_head = head  # type: ignore[attr-defined]
+        # No signal receiver to await: the head is made here, and kept.
+        self._payloadfix_head = serialize(status_line, headers)  # type: ignore[attr-defined]
         self.__class__ = held
         return _sent()
 
@@ -257,7 +251,6 @@ def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
 
     exact = (payload.BytesPayload, payload.StringPayload)
     bytes_io = payload.BytesIOPayload
-    base = http_writer.StreamWriter
     content_length = hdrs.CONTENT_LENGTH
 
     async def in_task(
@@ -287,10 +280,8 @@ def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
 
     # A plain function: any other request gets the original's coroutine.
     def write_bytes(self: Any, writer: Any, conn: Any, *args: Any) -> Any:
-        holding = type(writer) in _HOLDING
         if (
-            # Holding the head, or (declared empty) having sent it already.
-            (not holding and (type(writer) is not base or not writer.output_size))
+            type(writer) not in _HOLDING
             or self._continue is not None
             or writer.chunked
             or writer._compress is not None
@@ -322,14 +313,6 @@ def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
         transport = _ready(protocol)
         if transport is None:
             return original(self, writer, conn, *args)
-        if not holding:
-            # Declared and found empty, its head on the wire: only the end of
-            # the message is left (what write_eof() does for it).
-            writer._eof = True
-            if protocol._paused:
-                return _drained(writer, protocol)
-            protocol.start_timeout()
-            return _sent()
         if getattr(self.loop, "_ready", None):
             # Other callbacks wait in this loop iteration (concurrent
             # requests): the write goes with the task, as aiohttp's would,
