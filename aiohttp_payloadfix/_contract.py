@@ -17,9 +17,11 @@ __all__ = (
     "ContentLengthError",
     "body_of",
     "body_size",
+    "bytes_io_left",
     "configure",
     "fail",
     "is_payload",
+    "nothing",
     "overlong_policy",
     "where",
 )
@@ -106,6 +108,23 @@ def is_payload(body: Any) -> bool:
     if payload.Payload in cls.__mro__:
         return True
     return cls not in _PLAIN and isinstance(body, payload.Payload)
+
+
+async def nothing() -> None:
+    """What a ``write_bytes`` wrapper returns when nothing is left to write."""
+    return None
+
+
+def bytes_io_left(f: Any) -> int:
+    """The bytes of a BytesIO from its position to its end, -1 once closed.
+
+    Without ``BytesIOPayload.size``'s property frame and its two seeks.
+    """
+    try:
+        left: int = len(f.getbuffer()) - f.tell()
+    except ValueError:  # closed
+        return -1
+    return left
 
 
 def body_size(body: Any) -> Optional[int]:

@@ -63,6 +63,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set
 from aiohttp import client_proto, client_reqrep, hdrs, http_writer, payload
 from multidict import CIMultiDict
 
+from .._contract import bytes_io_left, nothing
 from .._fix import Fix
 from .._ledger import Patch
 
@@ -199,13 +200,9 @@ def _build_write_headers(original: Callable[..., Any]) -> Callable[..., Any]:
         # No signal receiver to await: the head is made here, and kept.
         self._payloadfix_head = serialize(status_line, headers)  # type: ignore[attr-defined]
         self.__class__ = held
-        return _sent()
+        return nothing()
 
     return write_headers
-
-
-async def _sent() -> None:
-    return None
 
 
 async def _drained(writer: Any, protocol: Any) -> None:
@@ -264,10 +261,7 @@ def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
             data = self.body._value
             left = len(data)
         else:
-            try:
-                left = len(f.getbuffer()) - f.tell()
-            except ValueError:  # closed meanwhile
-                left = -1
+            left = bytes_io_left(f)  # (-1: closed meanwhile)
         if transport is None or type(writer) not in _HOLDING or left != size:
             # Things changed while the task waited (another task resized the
             # body, or the connection went): aiohttp's own path, with the
@@ -300,11 +294,10 @@ def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
             f = None
         elif kind is bytes_io and LEDGER.is_applied("file-payload-reuse"):
             f = body._value
-            try:
-                size = len(f.getbuffer()) - f.tell()
-            except ValueError:  # closed: aiohttp's path tells
-                return original(self, writer, conn, *args)
-            if size > _JOIN_LIMIT:
+            size = bytes_io_left(f)
+            if (
+                size < 0 or size > _JOIN_LIMIT
+            ):  # closed (aiohttp's path tells), or large
                 return original(self, writer, conn, *args)
         else:
             return original(self, writer, conn, *args)
@@ -327,7 +320,7 @@ def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
         drained = _send_whole(
             writer, protocol, transport, data if f is None else f.read(size)
         )
-        return _sent() if drained is None else drained
+        return nothing() if drained is None else drained
 
     return write_bytes
 

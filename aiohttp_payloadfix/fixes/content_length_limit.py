@@ -36,7 +36,7 @@ from typing import Any, Awaitable, Callable, List, Optional, Sequence, Tuple
 from aiohttp import client_reqrep, hdrs, payload
 from aiohttp.http_writer import StreamWriter
 
-from .._contract import body_of, body_size, overlong_policy
+from .._contract import body_of, body_size, bytes_io_left, overlong_policy
 from .._fix import Fix
 from .._ledger import LEDGER, Patch
 
@@ -246,14 +246,10 @@ def bypass(
                     declared = int(value)
                     # BytesIOPayload.size, without its property frame: kept
                     # from the start (3.12.8+), or what is left of the buffer.
-                    if size_kept:
-                        size = body._size
-                    else:
-                        f = body._value
-                        size = len(f.getbuffer()) - f.tell()
-                    if declared != size:
+                    size = body._size if size_kept else bytes_io_left(body._value)
+                    if declared != size:  # (-1: closed)
                         return None
-                except ValueError:  # a closed BytesIO has no size
+                except ValueError:
                     return None
                 if writer.length is None and (
                     StreamWriter in type(writer).__mro__

@@ -33,6 +33,7 @@ from .._contract import (
     ContentLengthError,
     fail,
     kind,
+    nothing,
     overlong_policy,
     where,
 )
@@ -55,10 +56,6 @@ def _message(request: Any, declared: int, available: str, body: Any) -> str:
         f"request body for {where(request)} is longer than its Content-Length:"
         f" declared {declared} bytes, {available} available ({kind(body)})"
     )
-
-
-async def _nothing() -> None:
-    return None
 
 
 def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -87,7 +84,7 @@ def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
             message = _message(self, declared, str(size), body)
             if policy == "error":
                 fail(conn, ContentLengthError(message + "; no body byte was sent"))
-                return _nothing()
+                return nothing()
             LOG.warning("%s; sent the declared bytes", message)
         return forward(self, writer, conn, content_length)
 

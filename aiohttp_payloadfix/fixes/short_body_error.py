@@ -29,7 +29,7 @@ from typing import Any, Awaitable, Callable, Optional, Sequence
 
 from aiohttp import client_reqrep, payload
 
-from .._contract import ContentLengthError, fail, kind, where
+from .._contract import ContentLengthError, fail, kind, nothing, where
 from .._fix import Fix
 from .._ledger import Patch
 from .content_length_limit import (
@@ -41,10 +41,6 @@ from .content_length_limit import (
 )
 
 __all__ = ("FIX",)
-
-
-async def _nothing() -> None:
-    return None
 
 
 def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -71,7 +67,7 @@ def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
                     f" has {size}; no body byte was sent"
                 ),
             )
-            return _nothing()
+            return nothing()
         if size is not None and isinstance(body, payload.BytesPayload):
             # In memory, and at least as long as declared: cannot end short.
             return forward(self, writer, conn, content_length)
