@@ -12,6 +12,7 @@ import logging
 import re
 import socket
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import (
     Any,
     AsyncIterator,
@@ -115,6 +116,31 @@ def _no_unreported_errors() -> Iterator[None]:
             logger.removeHandler(recorder)
     messages = [r.getMessage() for rec in watched.values() for r in rec.records]
     assert messages == []
+
+
+# --------------------------------------------------------------------------
+# Bodies.
+
+#: ASCII without CR, so that text and binary files carry the same bytes.
+FILLER = b"0123456789abcdefghijklmnopqrstuvwxyz\n"
+
+
+def content(size: int) -> bytes:
+    """``size`` bytes of FILLER, repeated."""
+    return (FILLER * (size // len(FILLER) + 1))[:size]
+
+
+@pytest.fixture
+def body_path(tmp_path: Path) -> Callable[[int], Tuple[Path, bytes]]:
+    """Writes ``content(size)`` to a file: ``(its path, the bytes)``."""
+
+    def make(size: int) -> Tuple[Path, bytes]:
+        data = content(size)
+        path = tmp_path / f"body-{size}.txt"
+        path.write_bytes(data)
+        return path, data
+
+    return make
 
 
 # --------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, AsyncIterator, Dict, Iterator, List, Optional
 
 import aiohttp
 import pytest
@@ -42,11 +42,6 @@ POOLS_REASON = (
 
 #: Bounds a hang in a failing test; nothing is asserted about time.
 SAFETY = aiohttp.ClientTimeout(total=30)
-FILLER = b"0123456789abcdefghijklmnopqrstuvwxyz\n"
-
-
-def content(size: int) -> bytes:
-    return (FILLER * (size // len(FILLER) + 1))[:size]
 
 
 @contextlib.contextmanager
@@ -335,17 +330,6 @@ def opened() -> Iterator[Opened]:
     files = Opened()
     yield files
     files.close_all()
-
-
-@pytest.fixture
-def body_path(tmp_path: Path) -> Callable[[int], Tuple[Path, bytes]]:
-    def make(size: int) -> Tuple[Path, bytes]:
-        data = content(size)
-        path = tmp_path / f"body-{size}.txt"
-        path.write_bytes(data)
-        return path, data
-
-    return make
 
 
 async def next_request_works(

@@ -27,7 +27,7 @@ from typing import Any, AsyncIterator, Callable, List, Optional, Tuple
 import aiohttp
 import pytest
 from aiohttp import base_protocol
-from conftest import ConnectionCounter, Reply, fix_needed
+from conftest import ConnectionCounter, Reply, content, fix_needed
 from faults_support import (  # with the shared pytest fixtures
     POOLS_REASON,
     RESPONSE_CLOSE_POOLS,
@@ -38,8 +38,6 @@ from faults_support import (  # with the shared pytest fixtures
     Opened,
     assert_complete_bodies,
     assert_never_reused_in_doubt,
-    body_path,
-    content,
     eventually_closed,
     next_request_works,
     opened,

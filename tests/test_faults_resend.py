@@ -26,7 +26,7 @@ from typing import (
 
 import aiohttp
 import pytest
-from conftest import ConnectionCounter, RawRequest, Reply, fix_needed
+from conftest import ConnectionCounter, RawRequest, Reply, content, fix_needed
 from faults_support import (  # with the shared pytest fixtures
     SAFETY,
     FaultServer,
@@ -34,8 +34,6 @@ from faults_support import (  # with the shared pytest fixtures
     QueuedRoutes,
     assert_complete_bodies,
     assert_never_reused_in_doubt,
-    body_path,
-    content,
     eventually_closed,
     next_request_works,
     opened,

@@ -23,7 +23,6 @@ from faults_support import (  # with the shared pytest fixtures
     Opened,
     assert_complete_bodies,
     assert_never_reused_in_doubt,
-    body_path,
     eventually_closed,
     next_request_works,
     opened,

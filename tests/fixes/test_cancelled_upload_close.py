@@ -43,6 +43,7 @@ from conftest import (
     RawRequest,
     Reply,
     WebServer,
+    content,
 )
 
 import aiohttp_payloadfix
@@ -51,7 +52,6 @@ from aiohttp_payloadfix._ledger import LEDGER, MARKER
 from aiohttp_payloadfix.fixes import by_id
 
 FIX_ID = "cancelled-upload-close"
-FILLER = b"0123456789abcdefghijklmnopqrstuvwxyz\n"
 #: The follow-up request. Its request line, "POST /next", is 10 bytes: what a
 #: server still owed REST body bytes reads as the end of the previous body.
 NEXT_BODY = b"next request"
@@ -67,10 +67,6 @@ HEAD_WAITS_FOR_BODY = AIOHTTP_VERSION >= (3, 12, 0)
 @pytest.fixture
 def fix_id() -> str:
     return FIX_ID
-
-
-def repeat(size: int) -> bytes:
-    return (FILLER * (size // len(FILLER) + 1))[:size]
 
 
 def only(*fix_ids: str) -> None:
@@ -126,11 +122,11 @@ class Scenario:
     def body(self) -> StalledBody:
         sent = 0 if self.point == "before the first byte" else 1000
         if self.point == "after the body":
-            return StalledBody(repeat(3000), 3000)
+            return StalledBody(content(3000), 3000)
         if self.chunked:
-            return StalledBody(repeat(3000), sent)
+            return StalledBody(content(3000), sent)
         # Content-Length: the server still owes REST bytes after the stall.
-        return StalledBody(repeat(sent + REST), sent)
+        return StalledBody(content(sent + REST), sent)
 
     def reply(self, body: StalledBody) -> Reply:
         # A chunked body can only be answered after its head; a
@@ -364,7 +360,7 @@ async def test_cut_short_file_upload_closes_connection(
     """A file body goes through file-payload-reuse's write on 3.9.0-3.11."""
     only(FIX_ID)  # with file-payload-reuse, which it requires
     first = 2**16  # one read's worth goes out before the gated read
-    data = repeat(first + REST)
+    data = content(first + REST)
     path = tmp_path / "body.bin"
     path.write_bytes(data)
     raw_server.routes["/upload"] = Reply(status=413, answer_after=first)
@@ -415,7 +411,7 @@ async def test_release_and_wait_for_close_do_not_raise(
     await the write task: the cancellation must not reach the caller."""
     only(FIX_ID)
     raw_server.routes["/upload"] = Reply(body=b"early", answer_after=0)
-    body = StalledBody(repeat(3000), 1000)
+    body = StalledBody(content(3000), 1000)
     async with connections.session(timeout=SAFETY) as session:
         resp = await session.post(raw_server.url("/upload"), data=body.chunks())
         assert resp.status == 200
@@ -449,7 +445,7 @@ async def cancel_waiting_caller(
     has not answered. Returns how each body write task ended (its result or
     exception), retrieved here so that none is left unretrieved."""
     raw_server.routes["/upload"] = Reply()  # answers after the whole body
-    body = StalledBody(repeat(3000), 1000)
+    body = StalledBody(content(3000), 1000)
     async with connections.session(timeout=SAFETY) as session:
 
         async def upload() -> None:
@@ -516,7 +512,7 @@ async def test_sequential_file_uploads_keep_one_connection(
     """Closing a connection on a cancelled write is what turned the file
     payload's race into a new connection per upload in 3.10.6: with the
     package as imported (file-payload-reuse with it) that must not happen."""
-    data = repeat(100_000)
+    data = content(100_000)
     path = tmp_path / "body.bin"
     path.write_bytes(data)
     files = []

@@ -19,7 +19,7 @@ from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Type, Unio
 import aiohttp
 import pytest
 from aiohttp import payload
-from conftest import PATCHED_CLASSES, FixState, RawHTTPServer
+from conftest import PATCHED_CLASSES, FixState, RawHTTPServer, content
 
 import aiohttp_payloadfix
 from aiohttp_payloadfix._fix import AIOHTTP_VERSION
@@ -35,11 +35,6 @@ SIZE = 15 * READ_SIZE + 12_345
 @pytest.fixture
 def fix_id() -> str:
     return FIX_ID
-
-
-def content(size: int) -> bytes:
-    """ASCII without CR, so that text and binary files carry the same bytes."""
-    return (b"0123456789abcdefghijklmnopqrstuvwxyz\n" * (size // 37 + 1))[:size]
 
 
 # --------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from conftest import (
     RawRequest,
     Reply,
     WebServer,
+    content,
     pooled,
     switched,
 )
@@ -48,11 +49,6 @@ def closes_connections(state: FixState) -> bool:
     """Whether aiohttp as released loses the connection here: the race exists
     on 3.9.0-3.11.x, and since 3.10.6 (PR #8992) a lost race closes it."""
     return state.needed and AIOHTTP_VERSION >= (3, 10, 6)
-
-
-def content(size: int) -> bytes:
-    """ASCII, so that text and binary kinds carry the same bytes."""
-    return (b"0123456789abcdefghijklmnopqrstuvwxyz\n" * (size // 37 + 1))[:size]
 
 
 # --------------------------------------------------------------------------
@@ -116,17 +112,6 @@ RACY_KINDS = tuple(k for k in KINDS if k.racy)
 
 def _ids(kind: FileKind) -> str:
     return kind.name
-
-
-@pytest.fixture
-def body_file(tmp_path: Path) -> Callable[[int], Tuple[Path, bytes]]:
-    def make(size: int) -> Tuple[Path, bytes]:
-        data = content(size)
-        path = tmp_path / f"body-{size}.txt"
-        path.write_bytes(data)
-        return path, data
-
-    return make
 
 
 @pytest.fixture
@@ -221,10 +206,10 @@ async def test_sequential_posts_use_one_connection(
     fixed: FixState,
     web_server: WebServer,
     connections: ConnectionCounter,
-    body_file: Callable[[int], Tuple[Path, bytes]],
+    body_path: Callable[[int], Tuple[Path, bytes]],
     opened: List[IO[Any]],
 ) -> None:
-    path, data = body_file(kind.size)
+    path, data = body_path(kind.size)
     await post_sequentially(kind, web_server.url / "upload", path, connections, opened)
     assert connections.created == 1
     assert web_server.received == [("POST", "/upload", data)] * REQUESTS
@@ -238,10 +223,10 @@ async def test_sequential_posts_bug_reproduces(
     unfixed: FixState,
     web_server: WebServer,
     connections: ConnectionCounter,
-    body_file: Callable[[int], Tuple[Path, bytes]],
+    body_path: Callable[[int], Tuple[Path, bytes]],
     opened: List[IO[Any]],
 ) -> None:
-    path, data = body_file(kind.size)
+    path, data = body_path(kind.size)
     # computed-lengths sends text files and files of size 0 chunked, and
     # coalesced-headers holds an empty body's head until its write has ended:
     # either leaves no response to race with. Revert them, aiohttp as released.
@@ -281,10 +266,10 @@ async def test_expect_continue_uses_one_connection(
     fixed: FixState,
     raw_server: RawHTTPServer,
     connections: ConnectionCounter,
-    body_file: Callable[[int], Tuple[Path, bytes]],
+    body_path: Callable[[int], Tuple[Path, bytes]],
     opened: List[IO[Any]],
 ) -> None:
-    path, data = body_file(10_000)
+    path, data = body_path(10_000)
     async with connections.session() as session:
         for _ in range(REQUESTS):
             body = open(path, "rb")
@@ -321,9 +306,9 @@ async def test_close_does_not_delay_the_request(
     fixed: FixState,
     web_server: WebServer,
     connections: ConnectionCounter,
-    body_file: Callable[[int], Tuple[Path, bytes]],
+    body_path: Callable[[int], Tuple[Path, bytes]],
 ) -> None:
-    path, data = body_file(10_000)
+    path, data = body_path(10_000)
     gate = threading.Event()
     body = GatedReader(path, gate)
     try:
@@ -350,12 +335,12 @@ async def test_close_after_early_answer(
     fixed: FixState,
     raw_server: RawHTTPServer,
     connections: ConnectionCounter,
-    body_file: Callable[[int], Tuple[Path, bytes]],
+    body_path: Callable[[int], Tuple[Path, bytes]],
     opened: List[IO[Any]],
 ) -> None:
     """The server answers 413 before reading the body: the write is cut short,
     the file is still closed and nothing is left behind."""
-    path, data = body_file(300_000)
+    path, data = body_path(300_000)
     raw_server.routes["/upload"] = Reply(status=413, answer_after=0, close=True)
     body = open(path, "rb")
     opened.append(body)
@@ -486,10 +471,10 @@ async def test_retry_on_stale_connection_resends_whole_file(
     resend_fixed: FixState,
     raw_server: RawHTTPServer,
     connections: ConnectionCounter,
-    body_file: Callable[[int], Tuple[Path, bytes]],
+    body_path: Callable[[int], Tuple[Path, bytes]],
     opened: List[IO[Any]],
 ) -> None:
-    path, data = body_file(300_000)
+    path, data = body_path(300_000)
     body = open(path, "rb")
     opened.append(body)
     error = await _put_on_stale_connection(raw_server, connections, body)
@@ -514,10 +499,10 @@ async def test_retry_on_stale_connection_bug_reproduces(
     resend_unfixed: FixState,
     raw_server: RawHTTPServer,
     connections: ConnectionCounter,
-    body_file: Callable[[int], Tuple[Path, bytes]],
+    body_path: Callable[[int], Tuple[Path, bytes]],
     opened: List[IO[Any]],
 ) -> None:
-    path, data = body_file(300_000)
+    path, data = body_path(300_000)
     body = open(path, "rb")
     opened.append(body)
     error = await _put_on_stale_connection(raw_server, connections, body)
@@ -537,12 +522,12 @@ async def test_retry_after_partial_upload_resends_whole_file(
     resend_fixed: FixState,
     raw_server: RawHTTPServer,
     connections: ConnectionCounter,
-    body_file: Callable[[int], Tuple[Path, bytes]],
+    body_path: Callable[[int], Tuple[Path, bytes]],
     opened: List[IO[Any]],
 ) -> None:
     """The server drops the pooled connection in the middle of the first
     attempt's body: the retry starts while that write may still be reading."""
-    path, data = body_file(1_000_000)
+    path, data = body_path(1_000_000)
     raw_server.script = [Reply(), Reply(drop=True, answer_after=100_000)]
     body = open(path, "rb")
     opened.append(body)
@@ -587,10 +572,10 @@ async def test_redirect_resends_whole_file(
     start: int,
     resend_fixed: FixState,
     raw_server: RawHTTPServer,
-    body_file: Callable[[int], Tuple[Path, bytes]],
+    body_path: Callable[[int], Tuple[Path, bytes]],
     opened: List[IO[Any]],
 ) -> None:
-    path, data = body_file(300_000)
+    path, data = body_path(300_000)
     body = opener(path)
     opened.append(body)
     body.read(start)  # the body is what follows the position at the call
@@ -617,12 +602,12 @@ async def test_early_redirect_resends_whole_file(
     resend_fixed: FixState,
     raw_server: RawHTTPServer,
     connections: ConnectionCounter,
-    body_file: Callable[[int], Tuple[Path, bytes]],
+    body_path: Callable[[int], Tuple[Path, bytes]],
     opened: List[IO[Any]],
 ) -> None:
     """The 307 comes before the body has been read: the redirected request is
     built while the first attempt may still be reading the file."""
-    path, data = body_file(1_000_000)
+    path, data = body_path(1_000_000)
     raw_server.routes["/upload"] = Reply(
         status=307, headers=(("Location", "/to"),), answer_after=0
     )
@@ -645,10 +630,10 @@ async def test_redirect_bug_reproduces(
     status: int,
     resend_unfixed: FixState,
     raw_server: RawHTTPServer,
-    body_file: Callable[[int], Tuple[Path, bytes]],
+    body_path: Callable[[int], Tuple[Path, bytes]],
     opened: List[IO[Any]],
 ) -> None:
-    path, data = body_file(300_000)
+    path, data = body_path(300_000)
     body = open(path, "rb")
     opened.append(body)
     error = await _redirected_upload(raw_server, status, body)
@@ -707,10 +692,10 @@ def test_registry_maps_the_kinds_as_assumed(tmp_path: Path) -> None:
 async def test_payload_write_to_writer_without_length(
     opener: Callable[[Path], IO[Any]],
     fixed: FixState,
-    body_file: Callable[[int], Tuple[Path, bytes]],
+    body_path: Callable[[int], Tuple[Path, bytes]],
     opened: List[IO[Any]],
 ) -> None:
-    path, data = body_file(1000)
+    path, data = body_path(1000)
     f = opener(path)
     opened.append(f)
     writer = MemoryWriter()
