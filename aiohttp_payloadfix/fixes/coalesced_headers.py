@@ -63,7 +63,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set
 from aiohttp import client_proto, client_reqrep, hdrs, http_writer, payload
 from multidict import CIMultiDict
 
-from .._contract import bytes_io_left, nothing
+from .._contract import nothing
 from .._fix import Fix
 from .._ledger import Patch
 
@@ -261,7 +261,10 @@ def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
             data = self.body._value
             left = len(data)
         else:
-            left = bytes_io_left(f)  # (-1: closed meanwhile)
+            try:  # bytes_io_left, inline
+                left = len(f.getvalue()) - f.tell()
+            except ValueError:  # closed meanwhile
+                left = -1
         if transport is None or type(writer) not in _HOLDING or left != size:
             # Things changed while the task waited (another task resized the
             # body, or the connection went): aiohttp's own path, with the
@@ -294,7 +297,10 @@ def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
             f = None
         elif kind is bytes_io and LEDGER.is_applied("file-payload-reuse"):
             f = body._value
-            size = bytes_io_left(f)
+            try:  # bytes_io_left, inline: this runs for every BytesIO request
+                size = len(f.getvalue()) - f.tell()
+            except ValueError:  # closed
+                size = -1
             if (
                 size < 0 or size > _JOIN_LIMIT
             ):  # closed (aiohttp's path tells), or large

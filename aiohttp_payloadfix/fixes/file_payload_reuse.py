@@ -31,7 +31,10 @@ when the call returns, or when a write still running then ends), each rebuild
 rewinds it to the position where the request started, and reads of a
 superseded attempt are refused, so the resend carries the whole body. A file
 that cannot be rewound (a pipe) makes the resend fail with a clear error
-instead of sending a truncated or empty body.
+instead of sending a truncated or empty body. A ``BytesIO`` is never closed
+here, so it needs no wrapper around the call: each build records where its
+body starts, and a build by the same call (the same timer, which aiohttp
+makes once per call) is a resend.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from .._filebody import (
     Superseded,
     build_request_scope,
     build_rewind,
+    claim_of,
     close_soon,
     existing_state,
     read_current,
@@ -162,15 +166,19 @@ def _build_write(original: Callable[..., Any]) -> Callable[..., Any]:
             if chunk:
                 await writer.write(chunk)
             return
-        # More reads: each after an await, so each checks that no resend took
-        # the file over in between. The generation is this attempt's: no
-        # await yet.
-        state = existing_state(f)
+        # More reads: each after an await, so each checks that no resend (or
+        # new request) took the file over in between. The claim is this
+        # attempt's: no await yet.
+        # (An exact BytesIO has a claim; a subclass is scoped like a file.)
+        claim = claim_of(f)
+        state = None if claim is not None else existing_state(f)
         generation = 0 if state is None else state.generation
         written = len(chunk)
         await writer.write(chunk)
         while remaining is None or written < remaining:
-            if state is not None and state.generation != generation:
+            if claim_of(f) is not claim or (
+                state is not None and state.generation != generation
+            ):
                 return  # superseded by a resend
             want = (
                 _READ_SIZE
@@ -199,8 +207,14 @@ def _patches() -> Sequence[Patch]:
     return (
         Patch(payload.IOBasePayload, "write", _build_write),
         Patch(payload.TextIOPayload, "write", _build_write),
-        Patch(client.ClientSession, "_request", build_request_scope(True)),
-        Patch(client_reqrep.ClientRequest, "update_body_from_data", build_rewind),
+        Patch(
+            client.ClientSession, "_request", build_request_scope(True, bytes_io=False)
+        ),
+        Patch(
+            client_reqrep.ClientRequest,
+            "update_body_from_data",
+            build_rewind(by_call=True),
+        ),
     )
 
 

@@ -86,7 +86,11 @@ def _probe() -> Optional[str]:
 def _patches() -> Sequence[Patch]:
     patches: List[Patch] = [
         Patch(client.ClientSession, "_request", build_request_scope(False)),
-        Patch(client_reqrep.ClientRequest, "update_body_from_data", build_rewind),
+        Patch(
+            client_reqrep.ClientRequest,
+            "update_body_from_data",
+            build_rewind(by_call=False),
+        ),
     ]
     for cls in (payload.IOBasePayload, payload.TextIOPayload):
         for name in ("_read_and_available_len", "_read"):
