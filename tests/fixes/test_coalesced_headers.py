@@ -368,6 +368,35 @@ async def test_in_memory_body_goes_out_before_send_returns(
     assert len(at_return) == (1 if len(expected) <= 64 * KiB else 2)
 
 
+@pytest.mark.skipif(not AFFECTED, reason="3.12+: aiohttp's own timing")
+@pytest.mark.parametrize("declared", ["by aiohttp", "by the caller"])
+async def test_an_empty_declared_body_sends_its_head_from_write_headers(
+    declared: str,
+    fixed: FixState,
+    raw_server: RawHTTPServer,
+    send_watch: SendWatch,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Content-Length: 0 on an idle loop: nothing can join the head, so it is
+    written where aiohttp's own write_headers writes it, before the body's
+    write_bytes is even called."""
+    before_body: List[List[bytes]] = []
+    write_bytes = client_reqrep.ClientRequest.write_bytes
+
+    def watched(self: Any, *args: Any) -> Any:
+        before_body.append(send_watch.wire.client())
+        return write_bytes(self, *args)
+
+    monkeypatch.setattr(client_reqrep.ClientRequest, "write_bytes", watched)
+    headers = {"Content-Length": "0"} if declared == "by the caller" else None
+    await post(raw_server, b"", headers=headers)
+    assert one_request(raw_server) == b""
+    ((write,),) = before_body
+    head, rest = head_of(write)
+    assert b"\r\nContent-Length: 0\r\n" in head and rest == b""
+    assert send_watch.at_return == before_body
+
+
 @pytest.mark.skipif(not LAZY_TASK, reason="the body write starts inside send()")
 async def test_bug_reproduces_unfixed_the_body_waits_for_the_task(
     unfixed: FixState, raw_server: RawHTTPServer, send_watch: SendWatch
@@ -379,7 +408,7 @@ async def test_bug_reproduces_unfixed_the_body_waits_for_the_task(
 
 @pytest.mark.skipif(not LAZY_TASK, reason="the body write starts inside send()")
 @pytest.mark.parametrize("loop", ["busy", "hiding its ready callbacks"])
-@pytest.mark.parametrize("kind", ["bytes", "BytesIO"])
+@pytest.mark.parametrize("kind", ["bytes", "BytesIO", "empty bytes"])
 async def test_under_load_the_body_goes_with_the_task(
     fixed: FixState,
     raw_server: RawHTTPServer,
