@@ -14,10 +14,11 @@ says otherwise; uv never downloads one), the environments
 and, for the memory and import measurements, aiohttp 3.12.8 with and without
 the package and 3.12.15 with it. It starts one server process (``server.py``,
 a standard-library asyncio sink run by the base interpreter, the same for every
-environment) and one long-lived client worker per environment
-(``workload.py``), then runs every workload in rounds, environments
-alternating run by run (A B C A B C ...), and writes docs/benchmarks.md and
-docs/benchmarks.png with medians, ratios and the targets of issue 5.
+environment), then runs every workload in rounds: each round starts a fresh
+client worker per environment (``workload.py``), and the environments take
+turns run by run (A B C A B C ..., the order rotating from round to round).
+It writes docs/benchmarks.md and docs/benchmarks.png with medians, ratios and
+the targets of issue 5.
 
 ``--quick`` is the CI smoke test: a few requests per workload, HTTP only, no
 chart and no memory or import part; it exits non-zero unless every run
@@ -46,7 +47,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -391,6 +392,11 @@ class Worker:
             raise BenchError(f"{self.what} failed on {spec}:\n{result['fatal']}")
         return result
 
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self.errlog.close()
+
     def close(self) -> None:
         assert self.proc.stdin is not None
         self.proc.stdin.close()
@@ -488,44 +494,74 @@ def workloads(
 
 def run_rounds(
     work: List[Workload],
-    workers: List[Worker],
+    start_workers: Callable[[], List[Worker]],
     server: Server,
     rounds: int,
     warm: bool,
 ) -> Dict[Tuple[Workload, str], List[Dict[str, Any]]]:
+    """Every workload in every environment, ``rounds`` times.
+
+    Each round starts a fresh worker per environment. A process draws its own
+    address-space layout, string hash seed and allocator history, and these
+    alone moved one environment's throughput by up to 25% from one process to
+    the next here (the same aiohttp, the same requests); with one process per
+    environment for the whole run, that draw would be in every ratio. So the
+    medians are over as many processes as rounds. Within a round the
+    environments take turns per workload, and the order of the turns rotates
+    from round to round (A B C, B C A, C A B, ...).
+    """
     results: Dict[Tuple[Workload, str], List[Dict[str, Any]]] = {}
-    if warm:
-        # One unrecorded pass with a tenth of the requests: first-run effects
-        # (allocator, caches, TLS session set-up) stay out of round 1.
+    for r in range(rounds):
         started = time.perf_counter()
+        workers = start_workers()
+        shift = r % len(workers)
+        workers = workers[shift:] + workers[:shift]
+        try:
+            _run_round(work, workers, server, results, warm, f"[{r + 1}/{rounds}]")
+        except BaseException:
+            for worker in workers:
+                worker.kill()
+            raise
+        for worker in workers:
+            worker.close()
+        log(f"round {r + 1}/{rounds} took {time.perf_counter() - started:.0f} s")
+    return results
+
+
+def _run_round(
+    work: List[Workload],
+    workers: List[Worker],
+    server: Server,
+    results: Dict[Tuple[Workload, str], List[Dict[str, Any]]],
+    warm: bool,
+    tag: str,
+) -> None:
+    if warm:
+        # An unrecorded pass with a tenth of the requests: first-run effects
+        # (allocator, caches, TLS session set-up) stay out of the round.
         for w in work:
             spec = dict(w.spec(), requests=max(1, w.requests // 10))
             for worker in workers:
                 worker.run(spec)
-        log(f"warm-up pass took {time.perf_counter() - started:.0f} s")
-    for r in range(rounds):
-        started = time.perf_counter()
-        for w in work:
-            line = []
-            for worker in workers:
-                before = server.stats()
-                result = worker.run(w.spec())
-                after = server.stats()
-                # The stats request itself arrives on a new HTTP connection.
-                result["server_connections"] = (
-                    after[w.transport]
-                    - before[w.transport]
-                    - (1 if w.transport == "http" else 0)
-                )
-                results.setdefault((w, worker.env.key), []).append(result)
-                err = f" {result['errors']} ERRORS" if result["errors"] else ""
-                line.append(
-                    f"{worker.env.key} {result['rps']:7.0f}/s"
-                    f" {result['connections']:4d}c{err}"
-                )
-            log(f"  [{r + 1}/{rounds}] {w.name:34s} " + "  ".join(line))
-        log(f"round {r + 1}/{rounds} took {time.perf_counter() - started:.0f} s")
-    return results
+    for w in work:
+        line = []
+        for worker in workers:
+            before = server.stats()
+            result = worker.run(w.spec())
+            after = server.stats()
+            # The stats request itself arrives on a new HTTP connection.
+            result["server_connections"] = (
+                after[w.transport]
+                - before[w.transport]
+                - (1 if w.transport == "http" else 0)
+            )
+            results.setdefault((w, worker.env.key), []).append(result)
+            err = f" {result['errors']} ERRORS" if result["errors"] else ""
+            line.append(
+                f"{worker.env.key} {result['rps']:7.0f}/s"
+                f" {result['connections']:4d}c{err}"
+            )
+        log(f"  {tag} {w.name:34s} " + "  ".join(line))
 
 
 def run_memory(
@@ -946,8 +982,9 @@ def write_report(
         if meta["pinning"]
         else "- no CPU pinning",
         f"- {meta['rounds']} round{'s' if meta['rounds'] != 1 else ''}; every"
-        " workload ran in A, B, C in turn within each round; the tables show"
-        " medians over the rounds and ratios of those medians",
+        " workload ran in A, B, C in turn within each round (the order rotating"
+        " from round to round), each round in fresh client processes; the"
+        " tables show medians over the rounds and ratios of those medians",
         f"- total time {meta['elapsed']}; load average {meta['load']}",
         "",
         *(
@@ -1186,10 +1223,17 @@ def write_report(
         " and then answers `200` with an empty body, keeping the connection open;"
         " a second listener does the same over TLS with a trustme certificate for"
         " 127.0.0.1. Everything runs on loopback.",
-        "- Client: `benchmarks/workload.py`, one long-lived process per"
-        " environment (imports and warm-up outside the measurements), a new"
-        " `ClientSession` per run. Sequential runs post one request after the"
-        " other; concurrent runs post from 64 tasks through a `TCPConnector`"
+        "- Client: `benchmarks/workload.py`, one process per environment and"
+        " round (imports, a warm-up and an unrecorded pass with a tenth of the"
+        " requests outside the measurements), a new `ClientSession` per run."
+        " Fresh processes every round: a process's address-space layout, hash"
+        " seed and allocator history alone moved one environment's throughput"
+        " by up to 25% between two processes here. Each worker first frees one"
+        " 16 MiB buffer, so glibc's dynamic mmap threshold starts equal in all of"
+        " them (it otherwise depends on the largest buffer a worker happened to"
+        " free, and decides whether every 256 KiB socket read costs an mmap)."
+        " Sequential runs post one request after the other; concurrent runs"
+        " post from 64 tasks through a `TCPConnector`"
         " limited to 16 connections. Bodies: the same `bytes` object, a new"
         " `io.BytesIO` over it, or a newly opened 16 MiB file, per request.",
         "- New connections: a `TraceConfig` counting `on_connection_create_end`.",
@@ -1298,7 +1342,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         workdir = Path(tempfile.mkdtemp(prefix="payloadfix-bench-"))
         cleanup = True
     server: Optional[Server] = None
-    workers: List[Worker] = []
     try:
         src = workdir / f"src-{os.getpid()}-{int(time.time())}"
         digest = snapshot_package(src)
@@ -1356,22 +1399,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not work:
             raise BenchError(f"--only {args.only!r} matches no workload")
         main_envs = [envs["A"], envs["B"], envs["C"]]
-        workers = [
-            Worker(
-                env,
-                server,
-                certs[0] if certs else None,
-                body_file,
-                workdir,
-                client_cpus,
-            )
-            for env in main_envs
-        ]
-        log(f"{len(work)} workloads x {len(workers)} environments x {rounds} rounds")
-        results = run_rounds(work, workers, server, rounds, warm=not quick)
-        for worker in workers:
-            worker.close()
-        workers = []
+        running = server
+
+        def start_workers() -> List[Worker]:
+            started: List[Worker] = []
+            try:
+                for env in main_envs:
+                    started.append(
+                        Worker(
+                            env,
+                            running,
+                            certs[0] if certs else None,
+                            body_file,
+                            workdir,
+                            client_cpus,
+                        )
+                    )
+            except BaseException:
+                for worker in started:
+                    worker.kill()
+                raise
+            return started
+
+        log(f"{len(work)} workloads x {len(main_envs)} environments x {rounds} rounds")
+        results = run_rounds(work, start_workers, server, rounds, warm=not quick)
 
         memory: Optional[Dict[str, List[Dict[str, Any]]]] = None
         if do_memory:
@@ -1501,9 +1552,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         log(f"benchmark failed: {exc}")
         return 2
     finally:
-        for worker in workers:
-            worker.proc.kill()
-            worker.proc.wait()
         if server is not None:
             server.proc.kill()
             server.proc.wait()

@@ -5,11 +5,12 @@ environments, ``aiohttp_payloadfix``, imported first when ``--patch`` is
 given). Three commands:
 
 ``serve``
-    A long-lived worker: warms up, prints one JSON line describing itself
+    A worker for one round: warms up, prints one JSON line describing itself
     (versions, fix states), then reads one JSON workload spec per line on
     stdin and answers each with one JSON line of measurements. Keeping the
-    worker alive lets ``run.py`` alternate environments run by run without
-    paying interpreter start-up and imports inside the measurements.
+    worker alive for the round lets ``run.py`` alternate environments run by
+    run without paying interpreter start-up and imports inside the
+    measurements.
 
 ``memory``
     Peak RSS growth of one large file upload with Content-Length, in a fresh
@@ -206,7 +207,24 @@ async def warm_up(client: Client, transports: List[str]) -> None:
             )
 
 
+def settle_allocator() -> None:
+    """Put the C allocator in the same state in every worker.
+
+    glibc serves allocations above its mmap threshold (128 KiB at start) with
+    mmap, and raises the threshold to the size of the largest mmapped chunk
+    freed so far. asyncio receives into a fresh 256 KiB buffer on every read,
+    so a worker that has not yet freed a large chunk pays an mmap, an mremap
+    and a munmap (and page faults) per read, and one that has, none: which
+    one depends on what the worker ran before (B's 256 KiB file reads raise
+    it during the warm-up, A's and C's 64 KiB reads do not). Freeing one
+    16 MiB buffer first raises it to the same value in every worker.
+    """
+    buffer = bytearray(16 * MiB)
+    del buffer
+
+
 def serve(args: argparse.Namespace) -> int:
+    settle_allocator()
     urls = {"http": args.http_url}
     if args.tls_url:
         urls["tls"] = args.tls_url
