@@ -379,15 +379,23 @@ async def test_an_empty_declared_body_sends_its_head_from_write_headers(
 ) -> None:
     """Content-Length: 0 on an idle loop: nothing can join the head, so it is
     written where aiohttp's own write_headers writes it, before the body's
-    write_bytes is even called."""
+    write_bytes is even called; the empty body then ends without aiohttp's
+    body write (whose last step is the writer's write_eof)."""
     before_body: List[List[bytes]] = []
     write_bytes = client_reqrep.ClientRequest.write_bytes
+    write_eof = http_writer.StreamWriter.write_eof
+    eofs: List[Any] = []
 
     def watched(self: Any, *args: Any) -> Any:
         before_body.append(send_watch.wire.client())
         return write_bytes(self, *args)
 
+    def counted_eof(self: Any, *args: Any) -> Any:
+        eofs.append(self)
+        return write_eof(self, *args)
+
     monkeypatch.setattr(client_reqrep.ClientRequest, "write_bytes", watched)
+    monkeypatch.setattr(http_writer.StreamWriter, "write_eof", counted_eof)
     headers = {"Content-Length": "0"} if declared == "by the caller" else None
     await post(raw_server, b"", headers=headers)
     assert one_request(raw_server) == b""
@@ -395,6 +403,7 @@ async def test_an_empty_declared_body_sends_its_head_from_write_headers(
     head, rest = head_of(write)
     assert b"\r\nContent-Length: 0\r\n" in head and rest == b""
     assert send_watch.at_return == before_body
+    assert eofs == []
 
 
 @pytest.mark.skipif(not LAZY_TASK, reason="the body write starts inside send()")
