@@ -295,7 +295,13 @@ async def test_aioresponses_passthrough_bug_reproduces(
     with switched("file-payload-reuse", applied=False) as state:
         with aioresponses(passthrough=[str(web_server.url)]):
             async with connections.session() as session:
-                await post_bytesio(session, web_server.url / "real", "unfixed")
+                # A race aiohttp loses on nearly every request, but it is a
+                # race: a loaded machine once let 20 in a row keep the
+                # connection. Up to 100, until one is lost.
+                for batch in range(5):
+                    await post_bytesio(session, web_server.url / "real", f"u{batch}")
+                    if connections.created > 1:
+                        break
     if RACE_CLOSES:
         assert state.needed
         assert connections.created > 1
