@@ -231,15 +231,19 @@ def _end_scope(f: Any, state: FileState, close: bool) -> None:
         close_soon(f)
 
 
+def _closed_after_first(f: Any) -> FileBodyError:
+    return FileBodyError(
+        f"cannot resend the request body {f!r}: the file was closed after the"
+        " first attempt"
+    )
+
+
 def _rewind(f: Any, state: FileState) -> None:
     state.builds += 1
     if state.builds == 1:
         return
     if getattr(f, "closed", False):
-        raise FileBodyError(
-            f"cannot resend the request body {f!r}: the file was closed after"
-            " the first attempt"
-        )
+        raise _closed_after_first(f)
     with state.lock:
         state.generation += 1
         if state.start is None:
@@ -293,10 +297,7 @@ def _claim(f: io.BytesIO, call: Any) -> None:
     if claim is not None and call is not None and claim[2] is call and claim[0]() is f:
         start = claim[1]
         if f.closed:
-            raise FileBodyError(
-                f"cannot resend the request body {f!r}: the file was closed after"
-                " the first attempt"
-            )
+            raise _closed_after_first(f)
         if start is not None:
             f.seek(start)
         _CLAIMS[key] = (claim[0], start, call)

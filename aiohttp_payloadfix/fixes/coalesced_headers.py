@@ -70,7 +70,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set
 from aiohttp import client_proto, client_reqrep, hdrs, http_writer, payload
 from multidict import CIMultiDict
 
-from .._contract import nothing
+from .._contract import bytes_io_left, nothing
 from .._fix import Fix
 from .._ledger import Patch
 
@@ -215,9 +215,7 @@ def _build_write_headers(original: Callable[..., Any]) -> Callable[..., Any]:
             return hold_head(self, status_line, headers)
         # No signal receiver to await: the head is made here.
         head = serialize(status_line, headers)
-        if headers.get(content_length) == "0" and not getattr(
-            self.loop, "_ready", True
-        ):
+        if headers.get(content_length) == "0" and not _busy(self.loop):
             # Nothing can join it, and nothing else is ready to run: it goes
             # now, where aiohttp's write_headers writes it. The writer still
             # holds a head, an empty one: the (empty) body then takes the
@@ -229,6 +227,13 @@ def _build_write_headers(original: Callable[..., Any]) -> Callable[..., Any]:
         return nothing()
 
     return write_headers
+
+
+def _busy(loop: Any) -> bool:
+    """Whether other callbacks are ready in this loop iteration, or the loop
+    does not show them (asyncio's loops keep them in ``_ready``; uvloop does
+    not)."""
+    return bool(getattr(loop, "_ready", True))
 
 
 async def _drained(writer: Any, protocol: Any) -> None:
@@ -288,10 +293,7 @@ def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
             data = self.body._value
             left = len(data)
         else:
-            try:  # bytes_io_left, inline
-                left = len(f.getvalue()) - f.tell()
-            except ValueError:  # closed meanwhile
-                left = -1
+            left = bytes_io_left(f)  # (-1: closed meanwhile)
         if transport is None or type(writer) not in _HOLDING or left != size:
             # Things changed while the task waited (another task resized the
             # body, or the connection went): aiohttp's own path, with the
@@ -324,10 +326,7 @@ def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
             f = None
         elif kind is bytes_io and LEDGER.is_applied("file-payload-reuse"):
             f = body._value
-            try:  # bytes_io_left, inline: this runs for every BytesIO request
-                size = len(f.getvalue()) - f.tell()
-            except ValueError:  # closed
-                size = -1
+            size = bytes_io_left(f)
             if (
                 size < 0 or size > _JOIN_LIMIT
             ):  # closed (aiohttp's path tells), or large
@@ -341,8 +340,7 @@ def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
         transport = _ready(protocol)
         if transport is None:
             return original(self, writer, conn, *args)
-        ready = getattr(self.loop, "_ready", None)
-        if ready is None or ready:
+        if _busy(self.loop):
             # Other callbacks wait in this loop iteration (concurrent
             # requests), or the loop does not show them (uvloop): the write
             # goes with the task, as aiohttp's would, and writes and answers
