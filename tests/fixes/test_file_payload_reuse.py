@@ -459,19 +459,26 @@ def whole_or_error(
     )
 
 
+async def upload(
+    session: aiohttp.ClientSession, method: str, url: Any, body: IO[Any]
+) -> Optional[BaseException]:
+    """Send ``body``; None when the answer was 200, else the error it raised."""
+    try:
+        async with session.request(method, url, data=body) as resp:
+            assert resp.status == 200
+    except (ValueError, aiohttp.ClientError) as exc:
+        return exc
+    return None
+
+
 async def _put_on_stale_connection(
     raw_server: RawHTTPServer, connections: ConnectionCounter, body: IO[Any]
 ) -> Optional[BaseException]:
     raw_server.drop_after = 1
-    error: Optional[BaseException] = None
     async with connections.session() as session:
         async with session.get(raw_server.url("/warm")) as resp:
             assert resp.status == 200
-        try:
-            async with session.put(raw_server.url("/upload"), data=body) as resp:
-                assert resp.status == 200
-        except (ValueError, aiohttp.ClientError) as exc:
-            error = exc
+        error = await upload(session, "PUT", raw_server.url("/upload"), body)
     await raw_server.settle()
     return error
 
@@ -551,15 +558,10 @@ async def test_retry_after_partial_upload_resends_whole_file(
     raw_server.script = [Reply(), Reply(drop=True, answer_after=100_000)]
     body = opener(path)
     opened.append(body)
-    error: Optional[BaseException] = None
     async with connections.session() as session:
         async with session.get(raw_server.url("/warm")) as resp:
             assert resp.status == 200
-        try:
-            async with session.put(raw_server.url("/upload"), data=body) as resp:
-                assert resp.status == 200
-        except (ValueError, aiohttp.ClientError) as exc:
-            error = exc
+        error = await upload(session, "PUT", raw_server.url("/upload"), body)
     await raw_server.settle()
     raw_server.assert_clean()
     if closes_bytes_io(opener):
@@ -578,13 +580,8 @@ async def _redirected_upload(
     raw_server: RawHTTPServer, status: int, body: IO[Any]
 ) -> Optional[BaseException]:
     raw_server.routes["/upload"] = Reply(status=status, headers=(("Location", "/to"),))
-    error: Optional[BaseException] = None
     async with aiohttp.ClientSession() as session:
-        try:
-            async with session.post(raw_server.url("/upload"), data=body) as resp:
-                assert resp.status == 200
-        except (ValueError, aiohttp.ClientError) as exc:
-            error = exc
+        error = await upload(session, "POST", raw_server.url("/upload"), body)
     await raw_server.settle()
     return error
 
@@ -644,13 +641,8 @@ async def test_early_redirect_resends_whole_file(
     )
     body = opener(path)
     opened.append(body)
-    error: Optional[BaseException] = None
     async with connections.session() as session:
-        try:
-            async with session.post(raw_server.url("/upload"), data=body) as resp:
-                assert resp.status == 200
-        except (ValueError, aiohttp.ClientError) as exc:
-            error = exc
+        error = await upload(session, "POST", raw_server.url("/upload"), body)
     await raw_server.settle()
     raw_server.assert_clean()
     first, *_ = raw_server.requests
