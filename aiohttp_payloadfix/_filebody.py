@@ -285,26 +285,16 @@ def _sweep_claims() -> None:
     _sweep_at = max(_SWEEP_FLOOR, 2 * len(_CLAIMS))
 
 
-def _claim(f: io.BytesIO, call: Any) -> None:
-    """A request is built from the BytesIO ``f`` in the ``_request`` call
-    whose timer is ``call``. The first build of a call takes the file over
-    where it is now; a later one in the same call is a resend, and goes back
-    to where the first one started. Either way the claim is a new object, so
-    a write of an earlier attempt, which compares its claim with the current
-    one before each read, stops."""
-    key = id(f)
-    claim = _CLAIMS.get(key)
-    if claim is not None and call is not None and claim[2] is call and claim[0]() is f:
-        start = claim[1]
-        if f.closed:
-            raise _closed_after_first(f)
-        if start is not None:
-            f.seek(start)
-        _CLAIMS[key] = (claim[0], start, call)
-        return
-    _CLAIMS[key] = (weakref.ref(f), None if f.closed else f.tell(), call)
-    if len(_CLAIMS) > _sweep_at:
-        _sweep_claims()
+def _reclaim(f: io.BytesIO, claim: Claim) -> None:
+    """A resend: the call that built the last request from ``f`` builds
+    another. It goes back to where the first one started, under a new claim
+    (see ``update_body_from_data``)."""
+    start = claim[1]
+    if f.closed:
+        raise _closed_after_first(f)
+    if start is not None:
+        f.seek(start)
+    _CLAIMS[id(f)] = (claim[0], start, claim[2])
 
 
 def build_request_scope(
@@ -321,18 +311,25 @@ def build_request_scope(
     """
 
     def build(original: Callable[..., Any]) -> Callable[..., Any]:
-        # A plain function on the fast path: no extra coroutine for other bodies.
-        def _request(self: Any, method: str, str_or_url: Any, **kwargs: Any) -> Any:
-            data = kwargs.get("data")
+        # A plain function on the fast path: no extra coroutine for other
+        # bodies. ``data`` is keyword-only in every release's _request, with
+        # None for its default; taken out of ``kwargs``, the usual call
+        # (``post(url, data=...)``) is passed on without packing a dict again.
+        def _request(
+            self: Any, method: str, str_or_url: Any, *, data: Any = None, **kwargs: Any
+        ) -> Any:
             cls = type(data)
-            if cls in _NOT_FILES:
-                return original(self, method, str_or_url, **kwargs)
+            if (
+                cls in _NOT_FILES
+                or (cls is io.BytesIO and not bytes_io)
+                or (cls is not io.BytesIO and not is_file(data))
+            ):
+                if kwargs:
+                    return original(self, method, str_or_url, data=data, **kwargs)
+                return original(self, method, str_or_url, data=data)
+            kwargs["data"] = data
             if cls is io.BytesIO:
-                if not bytes_io:
-                    return original(self, method, str_or_url, **kwargs)
                 return _in_memory(self, method, str_or_url, data, kwargs)
-            if not is_file(data):
-                return original(self, method, str_or_url, **kwargs)
             return _scoped(self, method, str_or_url, data, kwargs)
 
         async def _in_memory(
@@ -405,11 +402,30 @@ def _build_rewind(original: Callable[..., Any], by_call: bool) -> Callable[..., 
     def update_body_from_data(self: Any, body: Any, *args: Any, **kwargs: Any) -> None:
         cls = type(body)
         if cls is io.BytesIO and by_call:  # the common file-like body, first
-            try:
-                call = self._timer
-            except AttributeError:  # (set before the body on every release)
-                call = None
-            _claim(body, call)
+            # A request is built from the BytesIO in the _request call whose
+            # timer is ``call``. The first build of a call takes the file over
+            # where it is now; a later one in the same call is a resend. Either
+            # way the claim is a new object, so a write of an earlier attempt,
+            # which compares its claim with the current one before each read,
+            # stops. (Inline: this runs for every BytesIO request.)
+            call = getattr(self, "_timer", None)  # (set before the body)
+            key = id(body)
+            claim = _CLAIMS.get(key)
+            if (
+                claim is not None
+                and claim[2] is call
+                and call is not None
+                and claim[0]() is body
+            ):
+                _reclaim(body, claim)
+            else:  # (an entry of a dead file may hold the same id)
+                _CLAIMS[key] = (
+                    weakref.ref(body),
+                    None if body.closed else body.tell(),
+                    call,
+                )
+                if len(_CLAIMS) > _sweep_at:
+                    _sweep_claims()
         elif cls is io.BytesIO:
             entry = _STATES.get(id(body))
             if entry is not None and entry[1].scopes and entry[0]() is body:

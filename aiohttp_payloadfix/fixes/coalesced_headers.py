@@ -70,7 +70,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set
 from aiohttp import client_proto, client_reqrep, hdrs, http_writer, payload
 from multidict import CIMultiDict
 
-from .._contract import bytes_io_left, nothing
+from .._contract import nothing
 from .._fix import Fix
 from .._ledger import Patch
 
@@ -209,13 +209,15 @@ def _build_write_headers(original: Callable[..., Any]) -> Callable[..., Any]:
     def write_headers(self: Any, status_line: str, headers: Any) -> Any:
         if type(self) is not base or not isinstance(self._protocol, client_protocol):
             return original(self, status_line, headers)
-        if serialize is None or not _quiet(
-            self._on_headers_sent, "on_request_headers_sent"
+        signal = self._on_headers_sent
+        if serialize is None or (
+            signal is not None and not _quiet(signal, "on_request_headers_sent")
         ):
             return hold_head(self, status_line, headers)
         # No signal receiver to await: the head is made here.
         head = serialize(status_line, headers)
-        if headers.get(content_length) == "0" and not _busy(self.loop):
+        # (_busy, inline: this runs for every request)
+        if headers.get(content_length) == "0" and not getattr(self.loop, "_ready", 1):
             # Nothing can join it, and nothing else is ready to run: it goes
             # now, where aiohttp's write_headers writes it. The writer still
             # holds a head, an empty one: the (empty) body then takes the
@@ -229,26 +231,9 @@ def _build_write_headers(original: Callable[..., Any]) -> Callable[..., Any]:
     return write_headers
 
 
-def _busy(loop: Any) -> bool:
-    """Whether other callbacks are ready in this loop iteration, or the loop
-    does not show them (asyncio's loops keep them in ``_ready``; uvloop does
-    not)."""
-    return bool(getattr(loop, "_ready", True))
-
-
 async def _drained(writer: Any, protocol: Any) -> None:
     await writer.drain()
     protocol.start_timeout()
-
-
-def _ready(protocol: Any) -> Optional[Any]:
-    """The transport, when the request can go to it whole right now."""
-    if protocol is None:
-        return None
-    transport = protocol.transport
-    if transport is None or transport.is_closing() or protocol._paused:
-        return None
-    return transport
 
 
 def _send_whole(writer: Any, protocol: Any, transport: Any, data: Any) -> Any:
@@ -283,17 +268,25 @@ def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
     exact = (payload.BytesPayload, payload.StringPayload)
     bytes_io = payload.BytesIOPayload
     content_length = hdrs.CONTENT_LENGTH
+    # LEDGER.is_applied, inline: the ids of the fixes applied now.
+    applied = LEDGER._records
+    reuse = "file-payload-reuse"
 
     async def in_task(
         self: Any, writer: Any, conn: Any, args: Any, f: Any, size: int
     ) -> None:
         protocol = conn.protocol
-        transport = _ready(protocol)
+        transport = None if protocol is None else protocol.transport
+        if transport is not None and (transport.is_closing() or protocol._paused):
+            transport = None
         if f is None:
             data = self.body._value
             left = len(data)
         else:
-            left = bytes_io_left(f)  # (-1: closed meanwhile)
+            try:  # (bytes_io_left, inline)
+                left = len(f.getvalue()) - f.tell()
+            except ValueError:  # closed meanwhile
+                left = -1
         if transport is None or type(writer) not in _HOLDING or left != size:
             # Things changed while the task waited (another task resized the
             # body, or the connection went): aiohttp's own path, with the
@@ -313,7 +306,10 @@ def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
             or self._continue is not None
             or writer.chunked
             or writer._compress is not None
-            or not _quiet(writer._on_chunk_sent, "on_request_chunk_sent")
+            or (
+                writer._on_chunk_sent is not None
+                and not _quiet(writer._on_chunk_sent, "on_request_chunk_sent")
+            )
         ):
             return original(self, writer, conn, *args)
         body = self.body
@@ -324,23 +320,26 @@ def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
                 return original(self, writer, conn, *args)
             size = len(data)
             f = None
-        elif kind is bytes_io and LEDGER.is_applied("file-payload-reuse"):
+        elif kind is bytes_io and reuse in applied:
             f = body._value
-            size = bytes_io_left(f)
-            if (
-                size < 0 or size > _JOIN_LIMIT
-            ):  # closed (aiohttp's path tells), or large
+            try:  # (bytes_io_left, inline)
+                size = len(f.getvalue()) - f.tell()
+            except ValueError:  # closed: aiohttp's path tells
+                return original(self, writer, conn, *args)
+            if size > _JOIN_LIMIT:
                 return original(self, writer, conn, *args)
         else:
             return original(self, writer, conn, *args)
         declared = self.headers.get(content_length)
         if declared is None or declared != str(size):
             return original(self, writer, conn, *args)
+        # The request can go to the transport whole now: it is open and not
+        # paused (checked again by the task, which runs later).
         protocol = conn.protocol
-        transport = _ready(protocol)
-        if transport is None:
+        transport = None if protocol is None else protocol.transport
+        if transport is None or transport.is_closing() or protocol._paused:
             return original(self, writer, conn, *args)
-        if _busy(self.loop):
+        if getattr(self.loop, "_ready", 1):  # (_busy, inline)
             # Other callbacks wait in this loop iteration (concurrent
             # requests), or the loop does not show them (uvloop): the write
             # goes with the task, as aiohttp's would, and writes and answers
