@@ -401,7 +401,9 @@ def build_rewind(by_call: bool) -> Callable[[Callable[..., Any]], Callable[..., 
 def _build_rewind(original: Callable[..., Any], by_call: bool) -> Callable[..., Any]:
     def update_body_from_data(self: Any, body: Any, *args: Any, **kwargs: Any) -> None:
         cls = type(body)
-        if cls is io.BytesIO and by_call:  # the common file-like body, first
+        if cls in _NOT_FILES:  # bytes, str, None, ...: the usual body, first
+            pass
+        elif cls is io.BytesIO and by_call:  # the common file-like body, first
             # A request is built from the BytesIO in the _request call whose
             # timer is ``call``. The first build of a call takes the file over
             # where it is now; a later one in the same call is a resend. Either
@@ -434,7 +436,7 @@ def _build_rewind(original: Callable[..., Any], by_call: bool) -> Callable[..., 
                     _rewind(body, state)
                 else:
                     state.builds = 1  # the first build: nothing to rewind
-        elif cls not in _NOT_FILES:
+        else:
             if is_file(body):
                 f = body
             else:

@@ -152,6 +152,18 @@ def _held_class(base: Any) -> type:
     return held
 
 
+class _Done(tuple):  # type: ignore[type-arg]
+    """An awaitable that has finished: awaiting it iterates an empty tuple,
+    in C. What write_headers returns once it holds the head (send() awaits
+    it); a coroutine would cost a frame on every request."""
+
+    __slots__ = ()
+    __await__ = tuple.__iter__
+
+
+_DONE = _Done()
+
+
 def _quiet(callback: Any, signal: str) -> bool:
     """Whether a writer's trace callback (``on_headers_sent``,
     ``on_chunk_sent``) has nothing to call: no callback, or one whose
@@ -226,7 +238,7 @@ def _build_write_headers(original: Callable[..., Any]) -> Callable[..., Any]:
             head = b""
         self._payloadfix_head = head  # type: ignore[attr-defined]
         self.__class__ = held
-        return nothing()
+        return _DONE
 
     return write_headers
 
