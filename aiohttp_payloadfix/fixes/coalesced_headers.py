@@ -68,6 +68,7 @@ import inspect
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set
 
 from aiohttp import client_proto, client_reqrep, hdrs, http_writer, payload
+from aiohttp.http_writer import StreamWriter
 from multidict import CIMultiDict
 
 from .._contract import nothing
@@ -80,6 +81,10 @@ __all__ = ("FIX",)
 #: than a second send); larger ones follow it in their own write.
 _JOIN_LIMIT = 2**16
 
+
+#: The values of an exact payload that the whole-request path writes as they
+#: are (a memoryview, say, takes aiohttp's path).
+_BUFFERS = frozenset({bytes, bytearray})
 
 #: The classes writers are switched to while they hold a head.
 _HOLDING: Set[type] = set()
@@ -251,7 +256,7 @@ async def _drained(writer: Any, protocol: Any) -> None:
 def _send_whole(writer: Any, protocol: Any, transport: Any, data: Any) -> Any:
     """Write the held head and the whole body; what the write task awaits."""
     head = writer._payloadfix_head
-    writer.__class__ = http_writer.StreamWriter
+    writer.__class__ = StreamWriter
     del writer._payloadfix_head
     size = len(data)
     if size <= _JOIN_LIMIT:
@@ -318,21 +323,16 @@ def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
             or self._continue is not None
             or writer.chunked
             or writer._compress is not None
-            or (
-                writer._on_chunk_sent is not None
-                and not _quiet(writer._on_chunk_sent, "on_request_chunk_sent")
-            )
         ):
+            return original(self, writer, conn, *args)
+        chunk_sent = writer._on_chunk_sent
+        if chunk_sent is not None and not _quiet(chunk_sent, "on_request_chunk_sent"):
             return original(self, writer, conn, *args)
         body = self.body
         kind = type(body)
-        if kind in exact:
-            data = body._value
-            if type(data) is not bytes and type(data) is not bytearray:
+        if kind is bytes_io:
+            if reuse not in applied:
                 return original(self, writer, conn, *args)
-            size = len(data)
-            f = None
-        elif kind is bytes_io and reuse in applied:
             f = body._value
             try:  # (bytes_io_left, inline)
                 size = len(f.getvalue()) - f.tell()
@@ -340,25 +340,30 @@ def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
                 return original(self, writer, conn, *args)
             if size > _JOIN_LIMIT:
                 return original(self, writer, conn, *args)
+            data = None
+        elif kind in exact:
+            data = body._value
+            if type(data) not in _BUFFERS:
+                return original(self, writer, conn, *args)
+            size = len(data)
+            f = None
         else:
             return original(self, writer, conn, *args)
-        declared = self.headers.get(content_length)
-        if declared is None or declared != str(size):
-            return original(self, writer, conn, *args)
-        # The request can go to the transport whole now: it is open and not
-        # paused (checked again by the task, which runs later).
-        protocol = conn.protocol
-        transport = None if protocol is None else protocol.transport
-        if transport is None or transport.is_closing() or protocol._paused:
+        if self.headers.get(content_length) != str(size):
             return original(self, writer, conn, *args)
         if getattr(self.loop, "_ready", 1):  # (_busy, inline)
             # Other callbacks wait in this loop iteration (concurrent
             # requests), or the loop does not show them (uvloop): the write
             # goes with the task, as aiohttp's would, and writes and answers
-            # batch up.
+            # batch up. (The task checks the transport when it runs.)
             return in_task(self, writer, conn, args, f, size)
-        # Nothing else to run: the request goes now, and the server works on
-        # it while the caller gets ready to read the answer.
+        # Nothing else to run: the request goes now, if the transport is open
+        # and not paused, and the server works on it while the caller gets
+        # ready to read the answer.
+        protocol = conn.protocol
+        transport = None if protocol is None else protocol.transport
+        if transport is None or transport.is_closing() or protocol._paused:
+            return original(self, writer, conn, *args)
         drained = _send_whole(
             writer, protocol, transport, data if f is None else f.read(size)
         )
