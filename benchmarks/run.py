@@ -897,6 +897,25 @@ def load_average() -> str:
         return "unknown"
 
 
+#: The rounds disagree when a workload's per-round ratios spread (highest
+#: minus lowest, over their median) by more than this, taken as the median
+#: over the workloads. Quiet runs here spread by about 0.15.
+NOISY_SPREAD = 0.25
+
+
+def round_spread(
+    work: List[Workload], results: Dict[Tuple[Workload, str], List[Dict[str, Any]]]
+) -> Optional[float]:
+    """The median over workloads of the spread of B's per-round ratios (over C
+    for file-like bodies, over A for bytes); None with fewer than 3 rounds."""
+    spreads = []
+    for w in work:
+        values = round_ratios(results, w, "B", "C" if w.file_like else "A")
+        if len(values) >= 3:
+            spreads.append((max(values) - min(values)) / statistics.median(values))
+    return statistics.median(spreads) if spreads else None
+
+
 def busy_machine(*loads: str) -> bool:
     """Other work kept the CPUs busy: a load average above 3/4 of them."""
     try:
@@ -1024,6 +1043,21 @@ def write_report(
                 "",
             ]
             if meta["busy"]
+            else []
+        ),
+        *(
+            [
+                "**The rounds of this run disagree**: a workload's per-round"
+                " ratios spread by"
+                f" {meta['spread']:.0%} of their median (the median over the"
+                f" workloads; above {NOISY_SPREAD:.0%} is flagged, a quiet run"
+                " here spreads by about 15%). The process-to-process variation of"
+                " this machine was large during the run, and a ratio within that"
+                " of a target is not decisive: see the *per round* columns, and"
+                " rerun.",
+                "",
+            ]
+            if meta.get("spread") is not None and meta["spread"] > NOISY_SPREAD
             else []
         ),
         "Fixes applied at import, per release (states from"
@@ -1542,6 +1576,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "elapsed": f"{elapsed / 60:.1f} min",
             "load": f"{load_start} at the start, {load_end} at the end",
             "busy": busy_machine(load_start, load_end),
+            "spread": round_spread(work, results),
         }
         if args.json:
             args.json.write_text(
