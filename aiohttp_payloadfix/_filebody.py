@@ -264,9 +264,6 @@ def _rewind(f: Any, state: FileState) -> None:
 #: of dead files are dropped when the table has doubled since the last sweep.
 Claim = Tuple["weakref.ref[Any]", Optional[int], Any]
 _CLAIMS: Dict[int, Claim] = {}
-# (Module names, not attributes of modules: looked up on every request.)
-_ref = weakref.ref
-_BytesIO = io.BytesIO
 _SWEEP_FLOOR = 256
 _sweep_at = _SWEEP_FLOOR
 
@@ -324,14 +321,14 @@ def build_request_scope(
             cls = type(data)
             if (
                 cls in _NOT_FILES
-                or (cls is _BytesIO and not bytes_io)
-                or (cls is not _BytesIO and not is_file(data))
+                or (cls is io.BytesIO and not bytes_io)
+                or (cls is not io.BytesIO and not is_file(data))
             ):
                 if kwargs:
                     return original(self, method, str_or_url, data=data, **kwargs)
                 return original(self, method, str_or_url, data=data)
             kwargs["data"] = data
-            if cls is _BytesIO:
+            if cls is io.BytesIO:
                 return _in_memory(self, method, str_or_url, data, kwargs)
             return _scoped(self, method, str_or_url, data, kwargs)
 
@@ -404,7 +401,7 @@ def build_rewind(by_call: bool) -> Callable[[Callable[..., Any]], Callable[..., 
 def _build_rewind(original: Callable[..., Any], by_call: bool) -> Callable[..., Any]:
     def update_body_from_data(self: Any, body: Any, *args: Any, **kwargs: Any) -> None:
         cls = type(body)
-        if cls is _BytesIO and by_call:  # the common file-like body, first
+        if cls is io.BytesIO and by_call:  # the common file-like body, first
             # A request is built from the BytesIO in the _request call whose
             # timer is ``call``. The first build of a call takes the file over
             # where it is now; a later one in the same call is a resend. Either
@@ -429,12 +426,12 @@ def _build_rewind(original: Callable[..., Any], by_call: bool) -> Callable[..., 
                     start: Optional[int] = body.tell()
                 except ValueError:  # closed
                     start = None
-                _CLAIMS[key] = (_ref(body), start, call)
+                _CLAIMS[key] = (weakref.ref(body), start, call)
                 if len(_CLAIMS) > _sweep_at:
                     _sweep_claims()
         elif cls in _NOT_FILES:  # bytes, str, None, ...: nothing to track
             pass
-        elif cls is _BytesIO:
+        elif cls is io.BytesIO:
             entry = _STATES.get(id(body))
             if entry is not None and entry[1].scopes and entry[0]() is body:
                 state = entry[1]

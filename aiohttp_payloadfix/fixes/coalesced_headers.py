@@ -68,10 +68,9 @@ import inspect
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set
 
 from aiohttp import client_proto, client_reqrep, hdrs, http_writer, payload
-from aiohttp.http_writer import StreamWriter
 from multidict import CIMultiDict
 
-from .._contract import nothing
+from .._contract import bytes_io_left, nothing
 from .._fix import Fix
 from .._ledger import Patch
 
@@ -85,6 +84,10 @@ _JOIN_LIMIT = 2**16
 #: The values of an exact payload that the whole-request path writes as they
 #: are (a memoryview, say, takes aiohttp's path).
 _BUFFERS = frozenset({bytes, bytearray})
+
+#: The fix whose write reads a BytesIO body; without it (disabled), such a
+#: body takes aiohttp's path.
+_REUSE = "file-payload-reuse"
 
 #: The classes writers are switched to while they hold a head.
 _HOLDING: Set[type] = set()
@@ -157,18 +160,6 @@ def _held_class(base: Any) -> type:
     return held
 
 
-class _Done(tuple):  # type: ignore[type-arg]
-    """An awaitable that has finished: awaiting it iterates an empty tuple,
-    in C. What write_headers returns once it holds the head (send() awaits
-    it); a coroutine would cost a frame on every request."""
-
-    __slots__ = ()
-    __await__ = tuple.__iter__
-
-
-_DONE = _Done()
-
-
 def _quiet(callback: Any, signal: str) -> bool:
     """Whether a writer's trace callback (``on_headers_sent``,
     ``on_chunk_sent``) has nothing to call: no callback, or one whose
@@ -233,8 +224,7 @@ def _build_write_headers(original: Callable[..., Any]) -> Callable[..., Any]:
             return hold_head(self, status_line, headers)
         # No signal receiver to await: the head is made here.
         head = serialize(status_line, headers)
-        # (_busy, inline: this runs for every request)
-        if headers.get(content_length) == "0" and not getattr(self.loop, "_ready", 1):
+        if headers.get(content_length) == "0" and not _busy(self.loop):
             # Nothing can join it, and nothing else is ready to run: it goes
             # now, where aiohttp's write_headers writes it. The writer still
             # holds a head, an empty one: the (empty) body then takes the
@@ -243,9 +233,26 @@ def _build_write_headers(original: Callable[..., Any]) -> Callable[..., Any]:
             head = b""
         self._payloadfix_head = head  # type: ignore[attr-defined]
         self.__class__ = held
-        return _DONE
+        return nothing()
 
     return write_headers
+
+
+def _busy(loop: Any) -> bool:
+    """Whether other callbacks are ready in this loop iteration, or the loop
+    does not show them (asyncio's loops keep them in ``_ready``; uvloop does
+    not)."""
+    return bool(getattr(loop, "_ready", True))
+
+
+def _ready(protocol: Any) -> Optional[Any]:
+    """The transport, when the request can go to it whole right now."""
+    if protocol is None:
+        return None
+    transport = protocol.transport
+    if transport is None or transport.is_closing() or protocol._paused:
+        return None
+    return transport
 
 
 async def _drained(writer: Any, protocol: Any) -> None:
@@ -256,7 +263,7 @@ async def _drained(writer: Any, protocol: Any) -> None:
 def _send_whole(writer: Any, protocol: Any, transport: Any, data: Any) -> Any:
     """Write the held head and the whole body; what the write task awaits."""
     head = writer._payloadfix_head
-    writer.__class__ = StreamWriter
+    writer.__class__ = http_writer.StreamWriter
     del writer._payloadfix_head
     size = len(data)
     if size <= _JOIN_LIMIT:
@@ -285,25 +292,17 @@ def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
     exact = (payload.BytesPayload, payload.StringPayload)
     bytes_io = payload.BytesIOPayload
     content_length = hdrs.CONTENT_LENGTH
-    # LEDGER.is_applied, inline: the ids of the fixes applied now.
-    applied = LEDGER._records
-    reuse = "file-payload-reuse"
 
     async def in_task(
         self: Any, writer: Any, conn: Any, args: Any, f: Any, size: int
     ) -> None:
         protocol = conn.protocol
-        transport = None if protocol is None else protocol.transport
-        if transport is not None and (transport.is_closing() or protocol._paused):
-            transport = None
+        transport = _ready(protocol)
         if f is None:
             data = self.body._value
             left = len(data)
         else:
-            try:  # (bytes_io_left, inline)
-                left = len(f.getvalue()) - f.tell()
-            except ValueError:  # closed meanwhile
-                left = -1
+            left = bytes_io_left(f)  # (-1: closed meanwhile)
         if transport is None or type(writer) not in _HOLDING or left != size:
             # Things changed while the task waited (another task resized the
             # body, or the connection went): aiohttp's own path, with the
@@ -331,14 +330,11 @@ def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
         body = self.body
         kind = type(body)
         if kind is bytes_io:
-            if reuse not in applied:
-                return original(self, writer, conn, *args)
             f = body._value
-            try:  # (bytes_io_left, inline)
-                size = len(f.getvalue()) - f.tell()
-            except ValueError:  # closed: aiohttp's path tells
-                return original(self, writer, conn, *args)
-            if size > _JOIN_LIMIT:
+            size = bytes_io_left(f)
+            if (
+                size < 0 or size > _JOIN_LIMIT or not LEDGER.is_applied(_REUSE)
+            ):  # closed (aiohttp's path tells), large, or not read by our write
                 return original(self, writer, conn, *args)
             data = None
         elif kind in exact:
@@ -351,7 +347,7 @@ def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
             return original(self, writer, conn, *args)
         if self.headers.get(content_length) != str(size):
             return original(self, writer, conn, *args)
-        if getattr(self.loop, "_ready", 1):  # (_busy, inline)
+        if _busy(self.loop):
             # Other callbacks wait in this loop iteration (concurrent
             # requests), or the loop does not show them (uvloop): the write
             # goes with the task, as aiohttp's would, and writes and answers
@@ -361,8 +357,8 @@ def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
         # and not paused, and the server works on it while the caller gets
         # ready to read the answer.
         protocol = conn.protocol
-        transport = None if protocol is None else protocol.transport
-        if transport is None or transport.is_closing() or protocol._paused:
+        transport = _ready(protocol)
+        if transport is None:
             return original(self, writer, conn, *args)
         drained = _send_whole(
             writer, protocol, transport, data if f is None else f.read(size)
