@@ -50,6 +50,11 @@ copied, above 64 KiB):
   answers batch up. (Writing at once there
   cost 15% of the throughput of 64 concurrent 1 KiB BytesIO requests.)
 
+On 3.11, whose ``send()`` ends a request without a body with the writer's
+``set_eof()`` and no write task, a whole request of at most 16 KiB takes that
+branch too (see ``_build_send``): no task, and its three loop callbacks, for
+the common small request, as upstream has on Python 3.12+ (an eager task).
+
 Every other request takes aiohttp's path, with the held head. A body above
 the transport's high-water mark is followed by a drain before the read
 timeout starts, as ``write_eof()`` does; the writer's byte counts and its
@@ -65,10 +70,29 @@ with a receiver, it fires as before.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    List,
+    Optional,
+    Sequence,
+    Set,
+    Tuple,
+    Union,
+)
 
-from aiohttp import client_proto, client_reqrep, hdrs, http_writer, payload
+from aiohttp import (
+    client_exceptions,
+    client_proto,
+    client_reqrep,
+    hdrs,
+    http_writer,
+    payload,
+)
 from multidict import CIMultiDict
+from yarl import URL
 
 from .._contract import bytes_io_left, nothing
 from .._fix import Fix
@@ -139,6 +163,11 @@ def _held_class(base: Any) -> type:
         await base.drain(self)
 
     def set_eof(self: Any) -> None:
+        whole = vars(self._protocol).pop(_WHOLE, None)
+        if whole is not None:
+            # A whole request: send() hid its body from aiohttp (see _build_send).
+            _end_whole(self, whole)
+            return
         flush(self)
         base.set_eof(self)
 
@@ -170,7 +199,15 @@ def _quiet(callback: Any, signal: str) -> bool:
     if callback is None:
         return True
     try:
-        traces = callback.func.__self__._traces
+        return _traces_quiet(callback.func.__self__._traces, signal)
+    except AttributeError:  # not aiohttp's own partial(method)
+        return False
+
+
+def _traces_quiet(traces: Any, signal: Union[str, Tuple[str, ...]]) -> bool:
+    """Whether none of a request's traces has a receiver for ``signal`` (for
+    any of them, given a tuple of signal names)."""
+    try:
         for trace in traces:
             config = trace._trace_config
             known = vars(config).get(_QUIET)
@@ -178,19 +215,21 @@ def _quiet(callback: Any, signal: str) -> bool:
                 known = vars(config)[_QUIET] = {}
             quiet = known.get(signal)
             if quiet is None:
-                receivers = getattr(config, signal)
-                quiet = not receivers
-                if receivers.frozen:  # as it is once a session uses it
-                    known[signal] = quiet
+                names = (signal,) if isinstance(signal, str) else signal
+                lists = [getattr(config, name) for name in names]
+                quiet = not any(lists)
+                if all(receivers.frozen for receivers in lists):
+                    known[signal] = quiet  # frozen once a session uses it
             if not quiet:
                 return False
         return True
-    except (AttributeError, TypeError):  # not aiohttp's own partial(method)
+    except (AttributeError, TypeError):  # not aiohttp's own traces
         return False
 
 
-#: Kept on a TraceConfig: {signal name: whether it has no receiver}, once the
-#: session has frozen it (its receivers cannot change after that).
+#: Kept on a TraceConfig: {signal name, or a tuple of them: whether it has no
+#: receiver}, once the session has frozen it (its receivers cannot change
+#: after that).
 _QUIET = "_payloadfix_quiet"
 
 
@@ -284,6 +323,159 @@ def _send_whole(writer: Any, protocol: Any, transport: Any, data: Any) -> Any:
         return _drained(writer, protocol)
     protocol.start_timeout()
     return None
+
+
+#: Bodies up to this size are written without a task (see _build_send): with
+#: the head they stay below the transport's high-water mark (64 KiB), so the
+#: write never needs the drain that would need a task.
+_TASKLESS_LIMIT = 2**14
+
+#: The signals a request's write fires: with a receiver for either, send()
+#: keeps aiohttp's body write.
+_BODY_SIGNALS = ("on_request_headers_sent", "on_request_chunk_sent")
+
+#: Where send() leaves a whole request for the writer's set_eof(), on the
+#: connection's protocol (one request at a time).
+_WHOLE = "_payloadfix_whole"
+
+
+def _write_error(url: Any) -> Exception:
+    # What aiohttp's own body write fails with on a closed connection.
+    return client_exceptions.ClientOSError(
+        None, f"Can not write request body for {url!s}"
+    )
+
+
+def _write_whole(protocol: Any, buf: bytes, url: Any) -> None:
+    transport = protocol.transport
+    if transport is None or transport.is_closing():
+        # The connection went: the response fails (and the connection is
+        # not reused) instead of waiting for a reply to nothing.
+        protocol.set_exception(_write_error(url))
+        return
+    transport.write(buf)
+
+
+def _write_later(protocol: Any, buf: bytes, url: Any) -> None:
+    """The deferred write of a whole request (a loop callback: what goes
+    wrong is the request's error, not the loop's)."""
+    try:
+        _write_whole(protocol, buf, url)
+    except Exception as exc:  # noqa: BLE001 - handed to the request
+        protocol.set_exception(exc)
+
+
+def _end_whole(writer: Any, whole: Tuple[Any, Any, int, Any]) -> None:
+    """``set_eof()`` of a request whose body send() hid from aiohttp: the held
+    head and the body, in one write. At once when the event loop has nothing
+    else ready; otherwise in a callback in the next loop iteration, which
+    runs before any data read in that iteration, where aiohttp's write task
+    would have run: writes and answers batch up as they do with the task."""
+    data, f, size, url = whole
+    head = writer._payloadfix_head
+    writer.__class__ = http_writer.StreamWriter
+    del writer._payloadfix_head
+    if f is not None:
+        data = f.read(size)  # (nothing ran since send() measured it)
+    buf = head + data
+    sent = len(buf)
+    writer.buffer_size += sent
+    writer.output_size += sent
+    if writer.length is not None:
+        writer.length -= size
+    writer._eof = True
+    if not buf:  # an empty body whose head went out already
+        return
+    loop = writer.loop
+    if _busy(loop):
+        loop.call_soon(_write_later, writer._protocol, buf, url)
+    else:
+        _write_whole(writer._protocol, buf, url)
+
+
+def _build_send(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``ClientRequest.send`` without a write task for a small whole request.
+
+    3.11's send() ends a request without a body with the writer's
+    ``set_eof()`` and creates no task. A small in-memory body of its declared
+    length, with no signal or 100-continue to wait for, takes that branch
+    too: the body is hidden from send() while it runs, and the held writer's
+    ``set_eof()`` writes the head with it. Per request this saves the write
+    task and its three loop callbacks (its first step and two done
+    callbacks): upstream's own optimisation on Python 3.12+ (an eager task),
+    here for every Python. The body is back on the request when send()
+    returns or raises.
+    """
+    from .._ledger import LEDGER  # noqa: PLC0415 - the ledger imports the fixes
+
+    exact = (payload.BytesPayload, payload.StringPayload)
+    bytes_io = payload.BytesIOPayload
+    content_length = hdrs.CONTENT_LENGTH
+    base = http_writer.StreamWriter
+    client_protocol = client_proto.ResponseHandler
+
+    async def taskless(
+        self: Any, conn: Any, protocol: Any, body: Any, whole: Any
+    ) -> Any:
+        state = vars(protocol)
+        state[_WHOLE] = whole
+        self.body = b""
+        try:
+            response = await original(self, conn)
+        finally:
+            self.body = body
+            left = state.pop(_WHOLE, None)
+        if left is not None:
+            # The writer did not end with set_eof() (something else wrote the
+            # head): the body was not sent, so the request must not stand.
+            protocol.set_exception(
+                client_exceptions.ClientOSError(
+                    None,
+                    f"Can not write request body for {self.url!s}: aiohttp_payloadfix"
+                    " found the request writer replaced",
+                )
+            )
+        return response
+
+    # A plain function: any other request gets the original's coroutine.
+    def send(self: Any, conn: Any) -> Any:
+        protocol = conn.protocol
+        if (
+            self._continue is not None
+            or self.chunked is not None
+            or self.compress
+            or protocol is None
+            or protocol._paused
+            or not isinstance(protocol, client_protocol)
+            or client_reqrep.StreamWriter is not base  # type: ignore[attr-defined]
+        ):
+            return original(self, conn)
+        traces = self._traces
+        if traces and not _traces_quiet(traces, _BODY_SIGNALS):
+            return original(self, conn)
+        body = self.body
+        kind = type(body)
+        if kind is bytes_io:
+            if not LEDGER.is_applied(_REUSE):
+                return original(self, conn)
+            f = body._value
+            size = bytes_io_left(f)  # (-1: closed; aiohttp's path tells)
+            if size < 0:
+                return original(self, conn)
+            data = None
+        elif kind in exact:
+            data = body._value
+            if type(data) not in _BUFFERS:
+                return original(self, conn)
+            size = len(data)
+            f = None
+        else:
+            return original(self, conn)
+        if size > _TASKLESS_LIMIT or self.headers.get(content_length) != str(size):
+            return original(self, conn)
+        return taskless(self, conn, protocol, body, (data, f, size, self.url))
+
+    return send
 
 
 def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -407,11 +599,83 @@ def _probe() -> Optional[str]:
     return None
 
 
-def _patches() -> Sequence[Patch]:
+class _Tasked(Exception):
+    pass
+
+
+class _ProbeLoop:
+    def get_debug(self) -> bool:
+        return False
+
+    def create_task(self, coro: Any) -> Any:
+        coro.close()
+        raise _Tasked
+
+    def create_future(self) -> Any:  # pragma: no cover - no 100-continue here
+        raise _Tasked
+
+
+class _ProbeConnector:
+    force_close = False
+
+
+class _ProbeProtocol(_Protocol):
+    writing_paused = False
+    _paused = False
+
+    def start_timeout(self) -> None:
+        pass
+
+
+class _ProbeConnection:
+    _connector = _ProbeConnector()
+
+    def __init__(self) -> None:
+        self.protocol = _ProbeProtocol()
+
+
+class _ProbeResponse:
+    def __init__(self, *args: Any, writer: Any = None, **kwargs: Any) -> None:
+        self.writer = writer
+
+
+def _send_ends_without_task() -> bool:
+    """Whether ``ClientRequest.send`` ends a request without a body with the
+    writer's ``set_eof()``, creating no write task (3.11.0 and newer: 3.9 and
+    3.10 create one for every request). Tried on a request to nowhere."""
+    send = inspect.unwrap(client_reqrep.ClientRequest.send)
+    loop: Any = _ProbeLoop()
+    conn = _ProbeConnection()
+    try:
+        request = client_reqrep.ClientRequest(
+            "POST", URL("http://probe.invalid/"), loop=loop
+        )
+        request.response_class = _ProbeResponse  # type: ignore[assignment]
+        coro = send(request, conn)
+        try:
+            coro.send(None)
+        except StopIteration as stop:
+            response = stop.value
+        else:  # pragma: no cover - send() does not suspend here
+            coro.close()
+            return False
+    except Exception:  # noqa: BLE001 - _Tasked, or a send() unlike 3.11's
+        return False
     return (
+        isinstance(response, _ProbeResponse)
+        and response.writer is None
+        and len(conn.protocol.transport.writes) == 1
+    )
+
+
+def _patches() -> Sequence[Patch]:
+    patches = [
         Patch(http_writer.StreamWriter, "write_headers", _build_write_headers),
         Patch(client_reqrep.ClientRequest, "write_bytes", _build_write_bytes),
-    )
+    ]
+    if "set_eof" in dir(http_writer.StreamWriter) and _send_ends_without_task():
+        patches.append(Patch(client_reqrep.ClientRequest, "send", _build_send))
+    return patches
 
 
 FIX = Fix(

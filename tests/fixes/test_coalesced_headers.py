@@ -36,7 +36,7 @@ from multidict import CIMultiDict
 import aiohttp_payloadfix
 from aiohttp_payloadfix._fix import AIOHTTP_VERSION
 from aiohttp_payloadfix._ledger import LEDGER, MARKER
-from aiohttp_payloadfix.fixes import by_id
+from aiohttp_payloadfix.fixes import by_id, coalesced_headers
 
 from .contract_support import captured_log
 
@@ -57,6 +57,10 @@ def _send_starts_write_eagerly() -> bool:
 
 #: The write task runs after send() returns (the timing these tests observe).
 LAZY_TASK = AFFECTED and not _send_starts_write_eagerly()
+
+#: send() ends a request without a body with no write task (3.11), so the fix
+#: sends a small whole request that way too.
+TASKLESS = AFFECTED and coalesced_headers._send_ends_without_task()
 
 
 @pytest.fixture
@@ -381,10 +385,17 @@ async def test_an_empty_declared_body_sends_its_head_from_write_headers(
     written where aiohttp's own write_headers writes it, before the body's
     write_bytes is even called; the empty body then ends without aiohttp's
     body write (whose last step is the writer's write_eof)."""
+    after_head: List[List[bytes]] = []
     before_body: List[List[bytes]] = []
+    write_headers = http_writer.StreamWriter.write_headers
     write_bytes = client_reqrep.ClientRequest.write_bytes
     write_eof = http_writer.StreamWriter.write_eof
     eofs: List[Any] = []
+
+    def watched_headers(self: Any, *args: Any) -> Any:
+        result = write_headers(self, *args)
+        after_head.append(send_watch.wire.client())
+        return result
 
     def watched(self: Any, *args: Any) -> Any:
         before_body.append(send_watch.wire.client())
@@ -394,15 +405,19 @@ async def test_an_empty_declared_body_sends_its_head_from_write_headers(
         eofs.append(self)
         return write_eof(self, *args)
 
+    monkeypatch.setattr(http_writer.StreamWriter, "write_headers", watched_headers)
     monkeypatch.setattr(client_reqrep.ClientRequest, "write_bytes", watched)
     monkeypatch.setattr(http_writer.StreamWriter, "write_eof", counted_eof)
     headers = {"Content-Length": "0"} if declared == "by the caller" else None
     await post(raw_server, b"", headers=headers)
     assert one_request(raw_server) == b""
-    ((write,),) = before_body
+    ((write,),) = after_head
     head, rest = head_of(write)
     assert b"\r\nContent-Length: 0\r\n" in head and rest == b""
-    assert send_watch.at_return == before_body
+    assert send_watch.at_return == after_head
+    # 3.11: no body write at all (see the taskless tests); 3.9-3.10: the
+    # write task starts with the head already out.
+    assert before_body == ([] if TASKLESS else after_head)
     assert eofs == []
 
 
@@ -442,7 +457,7 @@ async def test_under_load_the_body_goes_with_the_task(
     assert head_of(write)[1] == expected
 
 
-@pytest.mark.skipif(not LAZY_TASK, reason="the body write starts inside send()")
+@pytest.mark.skipif(not LAZY_TASK or TASKLESS, reason="the body is taken inside send()")
 @pytest.mark.parametrize("kind", ["bytearray", "BytesIO"])
 async def test_a_body_resized_before_the_task_runs_takes_aiohttps_path(
     fixed: FixState,
@@ -487,6 +502,260 @@ async def test_a_body_not_sent_whole_waits_for_the_task(
     assert send_watch.at_return == [[]]
     first, *_ = send_watch.wire.client()
     assert head_of(first)[1].startswith(b"400\r\nxxx")
+
+
+# --------------------------------------------------------------------------
+# 3.11: a small whole request is written without a write task.
+
+
+@dataclass
+class BodyWrites:
+    """The calls of ClientRequest.write_bytes (each one is a write task)."""
+
+    calls: int = 0
+
+
+@pytest.fixture
+def body_writes(monkeypatch: pytest.MonkeyPatch) -> BodyWrites:
+    writes = BodyWrites()
+    write_bytes = client_reqrep.ClientRequest.write_bytes
+
+    def counted(self: Any, *args: Any) -> Any:
+        writes.calls += 1
+        return write_bytes(self, *args)
+
+    monkeypatch.setattr(client_reqrep.ClientRequest, "write_bytes", counted)
+    return writes
+
+
+TASKLESS_BODIES: Dict[str, Callable[[], Any]] = {
+    "empty bytes": lambda: b"",
+    "bytes": lambda: b"x" * KiB,
+    "str": lambda: "s" * KiB,
+    "bytearray": lambda: bytearray(b"y" * KiB),
+    "BytesIO": lambda: io.BytesIO(b"z" * KiB),
+    "16 KiB BytesIO": lambda: io.BytesIO(b"w" * (16 * KiB)),
+}
+
+
+@pytest.mark.skipif(not TASKLESS, reason="send() has no branch without a task")
+@pytest.mark.parametrize("loop", ["idle", "busy", "hiding its ready callbacks"])
+@pytest.mark.parametrize("kind", list(TASKLESS_BODIES))
+async def test_a_small_whole_request_needs_no_write_task(
+    fixed: FixState,
+    raw_server: RawHTTPServer,
+    send_watch: SendWatch,
+    body_writes: BodyWrites,
+    kind: str,
+    loop: str,
+) -> None:
+    """The request goes out in one write, from send() on an idle loop and in
+    the next loop iteration otherwise (as the write task would), and no write
+    task is made for it. The body is back on the request afterwards."""
+    if loop == "busy":
+        send_watch.busy = True
+    elif loop != "idle":
+        send_watch.hide_ready = True
+    data = TASKLESS_BODIES[kind]()
+    expected = content(data)
+    requests: List[Any] = []
+
+    class Request(client_reqrep.ClientRequest):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            requests.append(self)
+
+    async with aiohttp.ClientSession(timeout=SAFETY, request_class=Request) as s:
+        async with s.post(raw_server.url("/upload"), data=data) as resp:
+            assert resp.status == 200
+            await resp.read()
+    assert one_request(raw_server) == expected
+    assert body_writes.calls == 0
+    (write,) = send_watch.wire.client()
+    assert head_of(write)[1] == expected
+    (at_return,) = send_watch.at_return
+    if loop == "idle":
+        assert at_return == [write]
+    elif expected:
+        assert at_return == []  # (an empty body's head goes at once)
+    (request,) = requests
+    assert type(request.body).__name__.endswith("Payload")
+    if isinstance(data, io.BytesIO):
+        assert data.tell() == len(expected)
+
+
+@pytest.mark.skipif(not TASKLESS, reason="send() has no branch without a task")
+async def test_bug_reproduces_unfixed_every_request_makes_a_write_task(
+    unfixed: FixState, raw_server: RawHTTPServer, body_writes: BodyWrites
+) -> None:
+    await post(raw_server, b"x" * KiB)
+    assert body_writes.calls == 1
+
+
+def _chunk_traced() -> aiohttp.TraceConfig:
+    trace = aiohttp.TraceConfig()
+
+    async def on_chunk(*_: Any) -> None:
+        pass
+
+    trace.on_request_chunk_sent.append(on_chunk)
+    return trace
+
+
+@pytest.mark.skipif(not TASKLESS, reason="send() has no branch without a task")
+@pytest.mark.parametrize(
+    "case",
+    [
+        "above 16 KiB",
+        "chunked",
+        "compressed",
+        "expect 100-continue",
+        "a chunk signal receiver",
+        "longer than declared",
+        "a memoryview",
+    ],
+)
+async def test_other_requests_keep_the_write_task(
+    fixed: FixState,
+    raw_server: RawHTTPServer,
+    body_writes: BodyWrites,
+    case: str,
+) -> None:
+    data: Any = b"k" * KiB
+    kwargs: Dict[str, Any] = {}
+    traces: List[aiohttp.TraceConfig] = []
+    expected = data
+    if case == "above 16 KiB":
+        data = expected = b"k" * (16 * KiB + 1)
+    elif case == "chunked":
+        kwargs["chunked"] = True
+    elif case == "compressed":
+        kwargs["compress"] = "deflate"
+    elif case == "expect 100-continue":
+        kwargs["expect100"] = True
+    elif case == "a chunk signal receiver":
+        traces.append(_chunk_traced())
+    elif case == "longer than declared":
+        kwargs["headers"] = {"Content-Length": "10"}
+        expected = data[:10]
+    else:
+        data = memoryview(data)
+    async with aiohttp.ClientSession(timeout=SAFETY, trace_configs=traces) as s:
+        with captured_log():
+            async with s.post(raw_server.url("/upload"), data=data, **kwargs) as r:
+                assert r.status == 200
+                await r.read()
+    body = one_request(raw_server)
+    if case == "compressed":
+        body = zlib.decompress(body)
+    assert body == expected
+    assert body_writes.calls == 1
+
+
+@pytest.mark.skipif(not TASKLESS, reason="send() has no branch without a task")
+async def test_a_small_body_is_taken_inside_send(
+    fixed: FixState, raw_server: RawHTTPServer, send_watch: SendWatch
+) -> None:
+    """Under load the write waits for the next loop iteration, but the body
+    was taken inside send(): a bytearray grown after send() returned is sent
+    as it was, with the length its head declares (nothing over-long)."""
+    send_watch.busy = True
+    data = bytearray(b"r" * KiB)
+    send_watch.after = lambda: data.extend(b"+" * 10)
+    with captured_log() as log:
+        await post(raw_server, data)
+    assert one_request(raw_server) == b"r" * KiB
+    assert log.records == []
+
+
+@pytest.mark.skipif(not TASKLESS, reason="send() has no branch without a task")
+async def test_a_connection_lost_before_the_deferred_write_fails_the_request(
+    fixed: FixState,
+    raw_server: RawHTTPServer,
+    send_watch: SendWatch,
+    connections: ConnectionCounter,
+) -> None:
+    """The connection is aborted after send() returned, before the loop's
+    next iteration writes the request: the request fails with aiohttp's own
+    error for an unwritable body, nothing reaches the server, and the next
+    request gets a new connection."""
+    send_watch.busy = True
+    transports: List[Any] = []
+    send = client_reqrep.ClientRequest.send
+
+    async def capturing(self: Any, conn: Any) -> Any:
+        transports.append(conn.transport)
+        return await send(self, conn)
+
+    def abort() -> None:
+        if len(transports) == 1:
+            transports[0].abort()
+
+    send_watch.after = abort
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(client_reqrep.ClientRequest, "send", capturing)
+        async with connections.session(timeout=SAFETY) as session:
+            with pytest.raises(aiohttp.ClientOSError, match="Can not write request"):
+                async with session.post(raw_server.url("/lost"), data=b"l" * KiB):
+                    pass  # pragma: no cover
+            send_watch.busy = False
+            async with session.post(raw_server.url("/next"), data=b"next") as resp:
+                assert resp.status == 200
+    await raw_server.settle()
+    raw_server.assert_clean()
+    assert [(r.target, r.body) for r in raw_server.requests] == [("/next", b"next")]
+    assert connections.created == 2
+
+
+@pytest.mark.skipif(not TASKLESS, reason="send() has no branch without a task")
+async def test_a_failed_send_leaves_the_body_on_the_request(
+    fixed: FixState, raw_server: RawHTTPServer
+) -> None:
+    """A header aiohttp refuses to serialise fails send() before the head:
+    the request still has its body, and nothing reached the server."""
+    requests: List[Any] = []
+
+    class Request(client_reqrep.ClientRequest):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            requests.append(self)
+
+    async with aiohttp.ClientSession(timeout=SAFETY, request_class=Request) as s:
+        with pytest.raises(ValueError):
+            await s.post(
+                raw_server.url("/upload"),
+                data=b"f" * KiB,
+                headers={"X-Bad": "one\r\ntwo"},
+            )
+    (request,) = requests
+    assert request.body._value == b"f" * KiB
+    await raw_server.settle()
+    assert raw_server.requests == []
+
+
+@pytest.mark.skipif(not TASKLESS, reason="send() has no branch without a task")
+async def test_a_replaced_head_writer_fails_the_request_instead_of_the_body(
+    fixed: FixState,
+    raw_server: RawHTTPServer,
+    monkeypatch: pytest.MonkeyPatch,
+    connections: ConnectionCounter,
+) -> None:
+    """Something put aiohttp's own write_headers back over the fix's after it
+    was applied: the writer never holds the head, so nothing ends the request
+    with its body. It fails with a clear error instead of sending a head
+    without its body, and its connection is not reused."""
+    original = inspect.unwrap(http_writer.StreamWriter.write_headers)
+    monkeypatch.setattr(http_writer.StreamWriter, "write_headers", original)
+    async with connections.session(timeout=SAFETY) as session:
+        with pytest.raises(aiohttp.ClientOSError, match="request writer replaced"):
+            async with session.post(raw_server.url("/upload"), data=b"h" * KiB):
+                pass  # pragma: no cover
+        monkeypatch.undo()
+        async with session.post(raw_server.url("/next"), data=b"next") as resp:
+            assert resp.status == 200
+    await raw_server.settle()
+    assert [r.body for r in raw_server.requests if r.complete] == [b"next"]
+    assert connections.created == 2
 
 
 @pytest.mark.skipif(not AFFECTED, reason="3.12+: aiohttp's own timing")
