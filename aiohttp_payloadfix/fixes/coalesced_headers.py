@@ -70,6 +70,7 @@ with a receiver, it fires as before.
 from __future__ import annotations
 
 import inspect
+import weakref
 from typing import (
     Any,
     Callable,
@@ -393,6 +394,26 @@ def _end_whole(writer: Any, whole: Tuple[Any, Any, int, Any]) -> None:
         _write_whole(writer._protocol, buf, url)
 
 
+#: ClientRequest subclasses (a session's ``request_class``): whether they
+#: leave ``write_bytes`` and ``body`` to ClientRequest.
+_PLAIN_CLASSES: weakref.WeakKeyDictionary[type, bool] = weakref.WeakKeyDictionary()
+
+
+def _plain_request_class(cls: type) -> bool:
+    """Whether a request of ``cls`` may skip ``write_bytes``: not when the
+    class writes its body itself (its ``write_bytes`` is never called
+    otherwise) or makes ``body`` something other than a plain attribute."""
+    plain = _PLAIN_CLASSES.get(cls)
+    if plain is None:
+        plain = not any(
+            "write_bytes" in vars(k) or "body" in vars(k)
+            for k in cls.__mro__
+            if k is not client_reqrep.ClientRequest
+        )
+        _PLAIN_CLASSES[cls] = plain
+    return plain
+
+
 def _build_send(original: Callable[..., Any]) -> Callable[..., Any]:
     """``ClientRequest.send`` without a write task for a small whole request.
 
@@ -437,11 +458,15 @@ def _build_send(original: Callable[..., Any]) -> Callable[..., Any]:
             )
         return response
 
+    request_class = client_reqrep.ClientRequest
+
     # A plain function: any other request gets the original's coroutine.
     def send(self: Any, conn: Any) -> Any:
         protocol = conn.protocol
+        cls = type(self)
         if (
-            self._continue is not None
+            (cls is not request_class and not _plain_request_class(cls))
+            or self._continue is not None
             or self.chunked is not None
             or self.compress
             or protocol is None

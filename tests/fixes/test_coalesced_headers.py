@@ -653,6 +653,44 @@ async def test_other_requests_keep_the_write_task(
 
 
 @pytest.mark.skipif(not TASKLESS, reason="send() has no branch without a task")
+@pytest.mark.parametrize("override", ["write_bytes", "body"])
+async def test_a_request_class_writing_its_own_body_keeps_its_write_bytes(
+    fixed: FixState, raw_server: RawHTTPServer, override: str
+) -> None:
+    """A ``request_class`` whose ``write_bytes`` (or ``body``) is its own:
+    send() must not skip it."""
+    calls: List[str] = []
+
+    class Request(client_reqrep.ClientRequest):
+        pass
+
+    if override == "write_bytes":
+
+        async def write_bytes(self: Any, *args: Any) -> None:
+            calls.append("write_bytes")
+            await client_reqrep.ClientRequest.write_bytes(self, *args)
+
+        Request.write_bytes = write_bytes  # type: ignore[method-assign,assignment]
+    else:
+
+        def get(self: Any) -> Any:
+            calls.append("body")
+            return vars(self).get("_my_body", b"")
+
+        def put(self: Any, value: Any) -> None:
+            vars(self)["_my_body"] = value
+
+        Request.body = property(get, put)
+
+    async with aiohttp.ClientSession(timeout=SAFETY, request_class=Request) as s:
+        async with s.post(raw_server.url("/upload"), data=b"o" * KiB) as resp:
+            assert resp.status == 200
+            await resp.read()
+    assert one_request(raw_server) == b"o" * KiB
+    assert override in calls
+
+
+@pytest.mark.skipif(not TASKLESS, reason="send() has no branch without a task")
 async def test_a_small_body_is_taken_inside_send(
     fixed: FixState, raw_server: RawHTTPServer, send_watch: SendWatch
 ) -> None:
