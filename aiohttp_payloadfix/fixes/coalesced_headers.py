@@ -659,6 +659,10 @@ class _ProbeConnection:
         self.protocol = _ProbeProtocol()
 
 
+def _probe_write_bytes(*_: Any) -> Any:
+    raise _Tasked
+
+
 class _ProbeResponse:
     def __init__(self, *args: Any, writer: Any = None, **kwargs: Any) -> None:
         self.writer = writer
@@ -676,6 +680,8 @@ def _send_ends_without_task() -> bool:
             "POST", URL("http://probe.invalid/"), loop=loop
         )
         request.response_class = _ProbeResponse  # type: ignore[assignment]
+        # A body write is the answer "no": stopped before a coroutine exists.
+        request.write_bytes = _probe_write_bytes  # type: ignore[method-assign,assignment]
         coro = send(request, conn)
         try:
             coro.send(None)
