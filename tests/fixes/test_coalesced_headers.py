@@ -415,9 +415,8 @@ async def test_an_empty_declared_body_sends_its_head_from_write_headers(
     head, rest = head_of(write)
     assert b"\r\nContent-Length: 0\r\n" in head and rest == b""
     assert send_watch.at_return == after_head
-    # 3.11: no body write at all (see the taskless tests); 3.9-3.10: the
-    # write task starts with the head already out.
-    assert before_body == ([] if TASKLESS else after_head)
+    # The write task starts with the head already out.
+    assert before_body == after_head
     assert eofs == []
 
 
@@ -539,9 +538,9 @@ TASKLESS_BODIES: Dict[str, Callable[[], Any]] = {
 
 
 @pytest.mark.skipif(not TASKLESS, reason="send() has no branch without a task")
-@pytest.mark.parametrize("loop", ["idle", "busy", "hiding its ready callbacks"])
+@pytest.mark.parametrize("loop", ["busy", "hiding its ready callbacks", "idle"])
 @pytest.mark.parametrize("kind", list(TASKLESS_BODIES))
-async def test_a_small_whole_request_needs_no_write_task(
+async def test_under_load_a_small_whole_request_needs_no_write_task(
     fixed: FixState,
     raw_server: RawHTTPServer,
     send_watch: SendWatch,
@@ -549,9 +548,13 @@ async def test_a_small_whole_request_needs_no_write_task(
     kind: str,
     loop: str,
 ) -> None:
-    """The request goes out in one write, from send() on an idle loop and in
-    the next loop iteration otherwise (as the write task would), and no write
-    task is made for it. The body is back on the request afterwards."""
+    """With other callbacks ready (or a loop that does not show them) the
+    request goes out in one write in the next loop iteration, as the write
+    task's would, and no write task is made for it. On an idle loop it goes
+    out in one write from send(), and the (then empty) write task stays: the
+    loop would otherwise block for the answer right after the write, and on
+    the benchmark machine sequential requests were 10-15% slower that way.
+    The body is back on the request afterwards."""
     if loop == "busy":
         send_watch.busy = True
     elif loop != "idle":
@@ -570,7 +573,7 @@ async def test_a_small_whole_request_needs_no_write_task(
             assert resp.status == 200
             await resp.read()
     assert one_request(raw_server) == expected
-    assert body_writes.calls == 0
+    assert body_writes.calls == (1 if loop == "idle" else 0)
     (write,) = send_watch.wire.client()
     assert head_of(write)[1] == expected
     (at_return,) = send_watch.at_return
@@ -618,9 +621,11 @@ def _chunk_traced() -> aiohttp.TraceConfig:
 async def test_other_requests_keep_the_write_task(
     fixed: FixState,
     raw_server: RawHTTPServer,
+    send_watch: SendWatch,
     body_writes: BodyWrites,
     case: str,
 ) -> None:
+    send_watch.busy = True
     data: Any = b"k" * KiB
     kwargs: Dict[str, Any] = {}
     traces: List[aiohttp.TraceConfig] = []
@@ -655,10 +660,11 @@ async def test_other_requests_keep_the_write_task(
 @pytest.mark.skipif(not TASKLESS, reason="send() has no branch without a task")
 @pytest.mark.parametrize("override", ["write_bytes", "body"])
 async def test_a_request_class_writing_its_own_body_keeps_its_write_bytes(
-    fixed: FixState, raw_server: RawHTTPServer, override: str
+    fixed: FixState, raw_server: RawHTTPServer, send_watch: SendWatch, override: str
 ) -> None:
     """A ``request_class`` whose ``write_bytes`` (or ``body``) is its own:
     send() must not skip it."""
+    send_watch.busy = True
     calls: List[str] = []
 
     class Request(client_reqrep.ClientRequest):
@@ -747,10 +753,11 @@ async def test_a_connection_lost_before_the_deferred_write_fails_the_request(
 
 @pytest.mark.skipif(not TASKLESS, reason="send() has no branch without a task")
 async def test_a_failed_send_leaves_the_body_on_the_request(
-    fixed: FixState, raw_server: RawHTTPServer
+    fixed: FixState, raw_server: RawHTTPServer, send_watch: SendWatch
 ) -> None:
     """A header aiohttp refuses to serialise fails send() before the head:
     the request still has its body, and nothing reached the server."""
+    send_watch.busy = True
     requests: List[Any] = []
 
     class Request(client_reqrep.ClientRequest):
@@ -775,6 +782,7 @@ async def test_a_failed_send_leaves_the_body_on_the_request(
 async def test_a_replaced_head_writer_fails_the_request_instead_of_the_body(
     fixed: FixState,
     raw_server: RawHTTPServer,
+    send_watch: SendWatch,
     monkeypatch: pytest.MonkeyPatch,
     connections: ConnectionCounter,
 ) -> None:
@@ -782,13 +790,14 @@ async def test_a_replaced_head_writer_fails_the_request_instead_of_the_body(
     was applied: the writer never holds the head, so nothing ends the request
     with its body. It fails with a clear error instead of sending a head
     without its body, and its connection is not reused."""
+    send_watch.busy = True
     original = inspect.unwrap(http_writer.StreamWriter.write_headers)
-    monkeypatch.setattr(http_writer.StreamWriter, "write_headers", original)
     async with connections.session(timeout=SAFETY) as session:
-        with pytest.raises(aiohttp.ClientOSError, match="request writer replaced"):
-            async with session.post(raw_server.url("/upload"), data=b"h" * KiB):
-                pass  # pragma: no cover
-        monkeypatch.undo()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(http_writer.StreamWriter, "write_headers", original)
+            with pytest.raises(aiohttp.ClientOSError, match="request writer replaced"):
+                async with session.post(raw_server.url("/upload"), data=b"h" * KiB):
+                    pass  # pragma: no cover
         async with session.post(raw_server.url("/next"), data=b"next") as resp:
             assert resp.status == 200
     await raw_server.settle()
