@@ -50,10 +50,10 @@ copied, above 64 KiB):
   answers batch up. (Writing at once there
   cost 15% of the throughput of 64 concurrent 1 KiB BytesIO requests.)
 
-On 3.11, whose ``send()`` ends a request without a body with the writer's
-``set_eof()`` and no write task, a whole request of at most 16 KiB under load
-takes that branch too (see ``_build_send``): no task, and its three loop
-callbacks, for the common small concurrent request.
+On 3.11 below Python 3.12, whose ``send()`` ends a request without a body
+with the writer's ``set_eof()`` and no write task, a whole request of at most
+16 KiB under load takes that branch too (see ``_build_send``): no task, and
+its three loop callbacks, for the common small concurrent request.
 
 Every other request takes aiohttp's path, with the held head. A body above
 the transport's high-water mark is followed by a drain before the read
@@ -70,6 +70,7 @@ with a receiver, it fires as before.
 from __future__ import annotations
 
 import inspect
+import sys
 import weakref
 from typing import (
     Any,
@@ -710,12 +711,35 @@ def _send_ends_without_task() -> bool:
     )
 
 
+def _send_starts_task_eagerly() -> bool:
+    """Whether ``ClientRequest.send`` starts its write task eagerly (3.10+
+    on Python 3.12+): the task then runs inside send() and, done there, costs
+    no loop callbacks, and a write under load goes out inside send()."""
+    if tuple(sys.version_info[:2]) < (3, 12):  # (not a mypy platform check)
+        return False
+    code = inspect.unwrap(client_reqrep.ClientRequest.send).__code__
+    return any(isinstance(c, tuple) and "eager_start" in c for c in code.co_consts)
+
+
+def taskless_send() -> bool:
+    """Whether this fix sends small requests under load without a write task
+    (``_build_send``): where send() has the branch without a task (3.11) and
+    starts its task lazily (below Python 3.12; with an eager task there is
+    little to save, and the write would move from inside send() to the next
+    loop iteration)."""
+    return (
+        "set_eof" in dir(http_writer.StreamWriter)
+        and not _send_starts_task_eagerly()
+        and _send_ends_without_task()
+    )
+
+
 def _patches() -> Sequence[Patch]:
     patches = [
         Patch(http_writer.StreamWriter, "write_headers", _build_write_headers),
         Patch(client_reqrep.ClientRequest, "write_bytes", _build_write_bytes),
     ]
-    if "set_eof" in dir(http_writer.StreamWriter) and _send_ends_without_task():
+    if taskless_send():
         patches.append(Patch(client_reqrep.ClientRequest, "send", _build_send))
     return patches
 

@@ -58,9 +58,10 @@ def _send_starts_write_eagerly() -> bool:
 #: The write task runs after send() returns (the timing these tests observe).
 LAZY_TASK = AFFECTED and not _send_starts_write_eagerly()
 
-#: send() ends a request without a body with no write task (3.11), so the fix
-#: sends a small whole request that way too.
-TASKLESS = AFFECTED and coalesced_headers._send_ends_without_task()
+#: send() ends a request without a body with no write task (3.11) and starts
+#: its task lazily (below Python 3.12), so the fix sends a small whole request
+#: under load without a task.
+TASKLESS = AFFECTED and coalesced_headers.taskless_send()
 
 
 @pytest.fixture
@@ -586,6 +587,17 @@ async def test_under_load_a_small_whole_request_needs_no_write_task(
     assert type(request.body).__name__.endswith("Payload")
     if isinstance(data, io.BytesIO):
         assert data.tell() == len(expected)
+
+
+@pytest.mark.skipif(
+    not (AFFECTED and _send_starts_write_eagerly()),
+    reason="send() starts its write task lazily here",
+)
+def test_an_eager_write_task_keeps_aiohttps_send(fixed: FixState) -> None:
+    """Python 3.12+: the write task runs inside send() and costs no loop
+    callbacks, so send() is left as it is (the write stays inside it)."""
+    assert not coalesced_headers.taskless_send()
+    assert getattr(client_reqrep.ClientRequest.send, MARKER, None) != FIX_ID
 
 
 @pytest.mark.skipif(not TASKLESS, reason="send() has no branch without a task")
