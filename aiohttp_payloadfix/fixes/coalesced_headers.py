@@ -341,10 +341,10 @@ _BODY_SIGNALS = ("on_request_headers_sent", "on_request_chunk_sent")
 _WHOLE = "_payloadfix_whole"
 
 
-def _write_error(url: Any) -> Exception:
+def _write_error(url: Any, why: str = "") -> Exception:
     # What aiohttp's own body write fails with on a closed connection.
     return client_exceptions.ClientOSError(
-        None, f"Can not write request body for {url!s}"
+        None, f"Can not write request body for {url!s}{why}"
     )
 
 
@@ -459,10 +459,8 @@ def _build_send(original: Callable[..., Any]) -> Callable[..., Any]:
             # The writer did not end with set_eof() (something else wrote the
             # head): the body was not sent, so the request must not stand.
             protocol.set_exception(
-                client_exceptions.ClientOSError(
-                    None,
-                    f"Can not write request body for {self.url!s}: aiohttp_payloadfix"
-                    " found the request writer replaced",
+                _write_error(
+                    self.url, ": aiohttp_payloadfix found the request writer replaced"
                 )
             )
         return response

@@ -529,13 +529,21 @@ def body_writes(monkeypatch: pytest.MonkeyPatch) -> BodyWrites:
 
 
 TASKLESS_BODIES: Dict[str, Callable[[], Any]] = {
-    "empty bytes": lambda: b"",
-    "bytes": lambda: b"x" * KiB,
-    "str": lambda: "s" * KiB,
-    "bytearray": lambda: bytearray(b"y" * KiB),
-    "BytesIO": lambda: io.BytesIO(b"z" * KiB),
-    "16 KiB BytesIO": lambda: io.BytesIO(b"w" * (16 * KiB)),
+    kind: IN_MEMORY[kind]
+    for kind in ("empty bytes", "bytes", "str", "bytearray", "BytesIO")
 }
+TASKLESS_BODIES["16 KiB BytesIO"] = lambda: io.BytesIO(b"w" * (16 * KiB))
+
+
+def recording_request_class(requests: List[Any]) -> Any:
+    """A ``request_class`` that appends each request it makes to ``requests``."""
+
+    class Request(client_reqrep.ClientRequest):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            requests.append(self)
+
+    return Request
 
 
 @pytest.mark.skipif(not TASKLESS, reason="send() has no branch without a task")
@@ -564,12 +572,7 @@ async def test_under_load_a_small_whole_request_needs_no_write_task(
     data = TASKLESS_BODIES[kind]()
     expected = content(data)
     requests: List[Any] = []
-
-    class Request(client_reqrep.ClientRequest):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            requests.append(self)
-
+    Request = recording_request_class(requests)
     async with aiohttp.ClientSession(timeout=SAFETY, request_class=Request) as s:
         async with s.post(raw_server.url("/upload"), data=data) as resp:
             assert resp.status == 200
@@ -772,12 +775,7 @@ async def test_a_failed_send_leaves_the_body_on_the_request(
     the request still has its body, and nothing reached the server."""
     send_watch.busy = True
     requests: List[Any] = []
-
-    class Request(client_reqrep.ClientRequest):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            requests.append(self)
-
+    Request = recording_request_class(requests)
     async with aiohttp.ClientSession(timeout=SAFETY, request_class=Request) as s:
         with pytest.raises(ValueError):
             await s.post(
