@@ -23,6 +23,7 @@ from typing import (
     Iterator,
     List,
     Optional,
+    Sequence,
     Tuple,
     Union,
 )
@@ -884,7 +885,9 @@ async def test_a_large_body_under_backpressure_starts_the_read_timeout_after_it(
 # Tracing signals: the same calls, with the same content, in the same order.
 
 
-async def traced_post(server: RawHTTPServer, data: Any) -> List[Tuple[str, Any]]:
+async def traced_post(
+    server: RawHTTPServer, data: Any, signals: Sequence[str] = ("headers", "chunk")
+) -> List[Tuple[str, Any]]:
     events: List[Tuple[str, Any]] = []
     trace = aiohttp.TraceConfig()
 
@@ -895,8 +898,10 @@ async def traced_post(server: RawHTTPServer, data: Any) -> List[Tuple[str, Any]]
     async def on_chunk(*args: Any) -> None:
         events.append(("chunk", bytes(args[2].chunk)))
 
-    trace.on_request_headers_sent.append(on_headers)
-    trace.on_request_chunk_sent.append(on_chunk)
+    if "headers" in signals:
+        trace.on_request_headers_sent.append(on_headers)
+    if "chunk" in signals:
+        trace.on_request_chunk_sent.append(on_chunk)
     async with aiohttp.ClientSession(timeout=SAFETY, trace_configs=[trace]) as s:
         async with s.post(server.url("/upload"), data=data) as resp:
             await resp.read()
@@ -919,6 +924,27 @@ async def test_trace_signals_unchanged(raw_server: RawHTTPServer) -> None:
     kinds = [kind for kind, _ in after]
     assert kinds == ["headers", "chunk", "chunk"]
     assert [c for k, c in after if k == "chunk"] == [b"one", b"two"]
+
+
+@pytest.mark.parametrize("signals", [("headers",), ("chunk",), ("headers", "chunk")])
+@pytest.mark.parametrize("kind", ["bytes", "BytesIO"])
+async def test_trace_signals_unchanged_for_a_whole_body(
+    raw_server: RawHTTPServer, signals: Tuple[str, ...], kind: str
+) -> None:
+    """A receiver for either signal alone still gets what aiohttp sends it
+    for a body the fix writes whole (one check in write_headers covers both
+    signals)."""
+
+    def body() -> Any:
+        return b"whole" if kind == "bytes" else io.BytesIO(b"whole")
+
+    with switched(FIX_ID, applied=False):
+        before = await traced_post(raw_server, body(), signals)
+    with switched(FIX_ID, applied=True):
+        after = await traced_post(raw_server, body(), signals)
+    assert after == before
+    assert [k for k, _ in after] == [s for s in ("headers", "chunk") if s in signals]
+    assert raw_server.requests[-1].body == b"whole"
 
 
 # --------------------------------------------------------------------------
