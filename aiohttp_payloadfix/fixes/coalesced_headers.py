@@ -61,10 +61,11 @@ timeout starts, as ``write_eof()`` does; the writer's byte counts and its
 end-of-message flag are kept as aiohttp's write would leave them.
 
 Trace signals: aiohttp gives a request's writer its signal callbacks whenever
-the session has trace configs, whatever they listen to. Where no trace
-config has a receiver for ``on_request_headers_sent`` (or, for the whole
-request write, ``on_request_chunk_sent``) the empty signal is not awaited;
-with a receiver, it fires as before.
+the session has trace configs, whatever they listen to. One check asks
+whether any trace config has a receiver for ``on_request_headers_sent`` or
+``on_request_chunk_sent``; where none has, the empty signals are not
+awaited. With a receiver, each signal fires as before: a receiver for the
+chunks sends the body aiohttp's way (its first write still carries the head).
 """
 
 from __future__ import annotations
@@ -209,6 +210,22 @@ def _quiet(callback: Any, signal: Union[str, Tuple[str, ...]]) -> bool:
         return False
 
 
+def _callbacks_quiet(headers_sent: Any, chunk_sent: Any) -> bool:
+    """Whether neither of a writer's trace callbacks has anything to call,
+    in one check: aiohttp makes both (or neither) for the same request, and
+    that request's trace configs answer for both signals. False for a
+    callback that is not aiohttp's own, or of another request."""
+    try:
+        request = (headers_sent or chunk_sent).func.__self__
+        if (headers_sent is not None and headers_sent.func.__self__ is not request) or (
+            chunk_sent is not None and chunk_sent.func.__self__ is not request
+        ):
+            return False
+        return _traces_quiet(request._traces, _BODY_SIGNALS)
+    except AttributeError:  # not aiohttp's own partial(method)
+        return False
+
+
 def _traces_quiet(traces: Any, signal: Union[str, Tuple[str, ...]]) -> bool:
     """Whether none of a request's traces has a receiver for ``signal`` (for
     any of them, given a tuple of signal names)."""
@@ -261,14 +278,20 @@ def _build_write_headers(original: Callable[..., Any]) -> Callable[..., Any]:
     def write_headers(self: Any, status_line: str, headers: Any) -> Any:
         if type(self) is not base or not isinstance(self._protocol, client_protocol):
             return original(self, status_line, headers)
-        # aiohttp sets both trace callbacks or neither; one check covers the
-        # head's signal and the body's, and write_bytes reads its answer.
-        signal = self._on_headers_sent or self._on_chunk_sent
-        if signal is not None and not _quiet(signal, _BODY_SIGNALS):
-            # A receiver to await: aiohttp's write_headers fires it, and the
-            # body goes aiohttp's way (its first write carries the head).
-            self._payloadfix_loud = True  # type: ignore[attr-defined]
-            return hold_head(self, status_line, headers)
+        headers_sent = self._on_headers_sent
+        chunk_sent = self._on_chunk_sent
+        if (
+            headers_sent is not None or chunk_sent is not None
+        ) and not _callbacks_quiet(headers_sent, chunk_sent):
+            # A receiver listens (the usual trace config listens to neither
+            # signal, and the one check above is all it costs): each signal
+            # is then asked about on its own. With one for the chunks, the
+            # body goes aiohttp's way, its first write carrying the head.
+            if not _quiet(chunk_sent, "on_request_chunk_sent"):
+                self._payloadfix_loud = True  # type: ignore[attr-defined]
+            if not _quiet(headers_sent, "on_request_headers_sent"):
+                # aiohttp's write_headers fires it.
+                return hold_head(self, status_line, headers)
         if serialize is None:
             return hold_head(self, status_line, headers)
         # No signal receiver to await: the head is made here.

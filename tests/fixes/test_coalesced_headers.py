@@ -9,6 +9,7 @@ head is the start of the first write that carries body bytes.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import io
 import sys
@@ -33,6 +34,7 @@ import pytest
 from aiohttp import client_proto, client_reqrep, http_writer, web
 from conftest import ConnectionCounter, FixState, RawHTTPServer, Reply, switched
 from multidict import CIMultiDict
+from yarl import URL
 
 import aiohttp_payloadfix
 from aiohttp_payloadfix._fix import AIOHTTP_VERSION
@@ -929,22 +931,54 @@ async def test_trace_signals_unchanged(raw_server: RawHTTPServer) -> None:
 @pytest.mark.parametrize("signals", [("headers",), ("chunk",), ("headers", "chunk")])
 @pytest.mark.parametrize("kind", ["bytes", "BytesIO"])
 async def test_trace_signals_unchanged_for_a_whole_body(
-    raw_server: RawHTTPServer, signals: Tuple[str, ...], kind: str
+    raw_server: RawHTTPServer, wire: Wire, signals: Tuple[str, ...], kind: str
 ) -> None:
     """A receiver for either signal alone still gets what aiohttp sends it
     for a body the fix writes whole (one check in write_headers covers both
-    signals)."""
+    signals when neither has a receiver), and the head still goes with the
+    body."""
 
     def body() -> Any:
         return b"whole" if kind == "bytes" else io.BytesIO(b"whole")
 
     with switched(FIX_ID, applied=False):
         before = await traced_post(raw_server, body(), signals)
+    sent = len(wire.client())
     with switched(FIX_ID, applied=True):
         after = await traced_post(raw_server, body(), signals)
     assert after == before
     assert [k for k, _ in after] == [s for s in ("headers", "chunk") if s in signals]
     assert raw_server.requests[-1].body == b"whole"
+    if AFFECTED:
+        (write,) = wire.client()[sent:]
+        assert head_of(write)[1] == b"whole"
+
+
+async def test_one_check_answers_for_both_callbacks_of_one_request() -> None:
+    """The shared check is only for aiohttp's own pair of callbacks: a
+    callback of another kind, or of another request, is asked about on its
+    own (and so fires)."""
+    loop = asyncio.get_running_loop()
+    quiet = client_reqrep.ClientRequest("POST", URL("http://quiet.invalid/"), loop=loop)
+    other = client_reqrep.ClientRequest("POST", URL("http://other.invalid/"), loop=loop)
+
+    def callbacks(request: Any) -> Tuple[Any, Any]:
+        return (
+            functools.partial(request._on_headers_request_sent, "POST", request.url),
+            functools.partial(request._on_chunk_request_sent, "POST", request.url),
+        )
+
+    async def custom(chunk: bytes) -> None:
+        pass
+
+    headers_sent, chunk_sent = callbacks(quiet)
+    check = coalesced_headers._callbacks_quiet
+    assert check(headers_sent, chunk_sent)
+    assert check(headers_sent, None)
+    assert check(None, chunk_sent)
+    assert not check(headers_sent, custom)
+    assert not check(custom, chunk_sent)
+    assert not check(headers_sent, callbacks(other)[1])
 
 
 # --------------------------------------------------------------------------
