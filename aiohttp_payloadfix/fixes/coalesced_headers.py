@@ -128,10 +128,7 @@ def _held_class(base: Any) -> type:
     """
 
     def release(self: Any) -> bytes:
-        head: bytes = self._payloadfix_head
-        del self._payloadfix_head
-        self.__class__ = base
-        return head
+        return _release_head(self, base)
 
     def _write(self: Any, chunk: Any) -> None:
         if self._payloadfix_head is None:
@@ -296,10 +293,7 @@ def _build_write_headers(original: Callable[..., Any]) -> Callable[..., Any]:
             return hold_head(self, status_line, headers)
         # No signal receiver to await: the head is made here.
         head = serialize(status_line, headers)
-        # (Busy: see "Busy loops".)
-        if headers.get(content_length) == "0" and not getattr(
-            self.loop, "_ready", True
-        ):
+        if headers.get(content_length) == "0" and not _busy(self.loop):
             # Nothing can join it, and nothing else is ready to run: it goes
             # now, where aiohttp's write_headers writes it. The writer still
             # holds a head, an empty one: the (empty) body then takes the
@@ -313,11 +307,30 @@ def _build_write_headers(original: Callable[..., Any]) -> Callable[..., Any]:
     return write_headers
 
 
-# Busy loops. Where a request is written, whether its loop is busy is asked
-# inline, ``getattr(loop, "_ready", True)``: true when other callbacks are
-# ready in this loop iteration (asyncio's loops keep them in ``_ready``) or
-# when the loop does not show them (uvloop). A helper function's frame there
-# cost about 1% of a small request's CPU time.
+def _busy(loop: Any) -> bool:
+    """Whether other callbacks are ready in this loop iteration, or the loop
+    does not show them (asyncio's loops keep them in ``_ready``; uvloop does
+    not)."""
+    return bool(getattr(loop, "_ready", True))
+
+
+def _release_head(writer: Any, base: Any) -> bytes:
+    """The head a writer held; the writer is aiohttp's ``base`` class again."""
+    head: bytes = writer._payloadfix_head
+    del writer._payloadfix_head
+    writer.__class__ = base
+    return head
+
+
+def _ended(writer: Any, sent: int, size: int) -> None:
+    """What aiohttp's write leaves on the writer once a whole body of ``size``
+    bytes went out, ``sent`` bytes with the head: its byte counts and its
+    end-of-message flag."""
+    writer.buffer_size += sent
+    writer.output_size += sent
+    if writer.length is not None:
+        writer.length -= size
+    writer._eof = True
 
 
 def _ready(protocol: Any) -> Optional[Any]:
@@ -337,9 +350,7 @@ async def _drained(writer: Any, protocol: Any) -> None:
 
 def _send_whole(writer: Any, protocol: Any, transport: Any, data: Any) -> Any:
     """Write the held head and the whole body; what the write task awaits."""
-    head = writer._payloadfix_head
-    writer.__class__ = http_writer.StreamWriter
-    del writer._payloadfix_head
+    head = _release_head(writer, http_writer.StreamWriter)
     size = len(data)
     if size <= _JOIN_LIMIT:
         if head or data:  # (an empty head was sent already)
@@ -347,12 +358,7 @@ def _send_whole(writer: Any, protocol: Any, transport: Any, data: Any) -> Any:
     else:  # not copied
         transport.write(head)
         transport.write(data)
-    sent = len(head) + size
-    writer.buffer_size += sent
-    writer.output_size += sent
-    if writer.length is not None:
-        writer.length -= size
-    writer._eof = True
+    _ended(writer, len(head) + size, size)
     if protocol._paused:
         # As write_eof() would: the read timeout starts once the transport
         # has taken the body.
@@ -408,22 +414,15 @@ def _end_whole(writer: Any, whole: Tuple[Any, Any, int, Any]) -> None:
     runs before any data read in that iteration, where aiohttp's write task
     would have run: writes and answers batch up as they do with the task."""
     data, f, size, url = whole
-    head = writer._payloadfix_head
-    writer.__class__ = http_writer.StreamWriter
-    del writer._payloadfix_head
+    head = _release_head(writer, http_writer.StreamWriter)
     if f is not None:
         data = f.read(size)  # (nothing ran since send() measured it)
     buf = head + data
-    sent = len(buf)
-    writer.buffer_size += sent
-    writer.output_size += sent
-    if writer.length is not None:
-        writer.length -= size
-    writer._eof = True
+    _ended(writer, len(buf), size)
     if not buf:  # an empty body whose head went out already
         return
     loop = writer.loop
-    if getattr(loop, "_ready", True):  # busy (see "Busy loops")
+    if _busy(loop):
         loop.call_soon(_write_later, writer._protocol, buf, url)
     else:
         _write_whole(writer._protocol, buf, url)
@@ -449,6 +448,44 @@ def _plain_request_class(cls: type) -> bool:
     return plain
 
 
+def _build_whole_body() -> Callable[[Any], Optional[Tuple[Any, Any, int]]]:
+    from .._ledger import LEDGER  # noqa: PLC0415 - the ledger imports the fixes
+
+    exact = (payload.BytesPayload, payload.StringPayload)
+    bytes_io = payload.BytesIOPayload
+    content_length = hdrs.CONTENT_LENGTH
+
+    def whole_body(request: Any) -> Optional[Tuple[Any, Any, int]]:
+        """``(data, file, size)`` of a body this fix may write whole, else
+        None: ``bytes`` or ``bytearray`` (in a bytes or str payload), or a
+        ``BytesIO`` still open whose reads are this package's
+        (file-payload-reuse applied; ``data`` None, it is read when written),
+        of the size its Content-Length declares."""
+        body = request.body
+        kind = type(body)
+        if kind is bytes_io:
+            if not LEDGER.is_applied(_REUSE):
+                return None
+            f = body._value
+            size = bytes_io_left(f)
+            if size < 0:  # closed: aiohttp's path tells
+                return None
+            data = None
+        elif kind in exact:
+            data = body._value
+            if type(data) not in _BUFFERS:
+                return None
+            size = len(data)
+            f = None
+        else:
+            return None
+        if request.headers.get(content_length) != str(size):
+            return None
+        return data, f, size
+
+    return whole_body
+
+
 def _build_send(original: Callable[..., Any]) -> Callable[..., Any]:
     """``ClientRequest.send`` without a write task for a small whole request.
 
@@ -470,19 +507,14 @@ def _build_send(original: Callable[..., Any]) -> Callable[..., Any]:
     not show its ready callbacks (uvloop) keeps the task too: whether it is
     busy is unknown, and the task's timing is the one measured.
     """
-    from .._ledger import LEDGER  # noqa: PLC0415 - the ledger imports the fixes
-
-    exact = (payload.BytesPayload, payload.StringPayload)
-    bytes_io = payload.BytesIOPayload
-    content_length = hdrs.CONTENT_LENGTH
+    whole_body = _build_whole_body()
     base = http_writer.StreamWriter
     client_protocol = client_proto.ResponseHandler
 
-    async def taskless(
-        self: Any, conn: Any, protocol: Any, body: Any, whole: Any
-    ) -> Any:
+    async def taskless(self: Any, conn: Any, protocol: Any, whole: Any) -> Any:
         state = vars(protocol)
         state[_WHOLE] = whole
+        body = self.body
         self.body = b""
         try:
             response = await original(self, conn)
@@ -522,37 +554,16 @@ def _build_send(original: Callable[..., Any]) -> Callable[..., Any]:
         traces = self._traces
         if traces and not _traces_quiet(traces, _BODY_SIGNALS):
             return original(self, conn)
-        body = self.body
-        kind = type(body)
-        if kind is bytes_io:
-            if not LEDGER.is_applied(_REUSE):
-                return original(self, conn)
-            f = body._value
-            size = bytes_io_left(f)  # (-1: closed; aiohttp's path tells)
-            if size < 0:
-                return original(self, conn)
-            data = None
-        elif kind in exact:
-            data = body._value
-            if type(data) not in _BUFFERS:
-                return original(self, conn)
-            size = len(data)
-            f = None
-        else:
+        whole = whole_body(self)
+        if whole is None or whole[2] > _TASKLESS_LIMIT:
             return original(self, conn)
-        if size > _TASKLESS_LIMIT or self.headers.get(content_length) != str(size):
-            return original(self, conn)
-        return taskless(self, conn, protocol, body, (data, f, size, self.url))
+        return taskless(self, conn, protocol, (*whole, self.url))
 
     return send
 
 
 def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
-    from .._ledger import LEDGER  # noqa: PLC0415 - the ledger imports the fixes
-
-    exact = (payload.BytesPayload, payload.StringPayload)
-    bytes_io = payload.BytesIOPayload
-    content_length = hdrs.CONTENT_LENGTH
+    whole_body = _build_whole_body()
 
     async def in_task(
         self: Any, writer: Any, conn: Any, args: Any, f: Any, size: int
@@ -586,27 +597,13 @@ def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
             or writer._compress is not None
         ):
             return original(self, writer, conn, *args)
-        body = self.body
-        kind = type(body)
-        if kind is bytes_io:
-            f = body._value
-            size = bytes_io_left(f)
-            if (
-                size < 0 or size > _JOIN_LIMIT or not LEDGER.is_applied(_REUSE)
-            ):  # closed (aiohttp's path tells), large, or not read by our write
-                return original(self, writer, conn, *args)
-            data = None
-        elif kind in exact:
-            data = body._value
-            if type(data) not in _BUFFERS:
-                return original(self, writer, conn, *args)
-            size = len(data)
-            f = None
-        else:
+        whole = whole_body(self)
+        if whole is None:
             return original(self, writer, conn, *args)
-        if self.headers.get(content_length) != str(size):
+        data, f, size = whole
+        if f is not None and size > _JOIN_LIMIT:  # a large BytesIO: read in parts
             return original(self, writer, conn, *args)
-        if getattr(self.loop, "_ready", True):  # busy (see "Busy loops")
+        if _busy(self.loop):
             # Other callbacks wait in this loop iteration (concurrent
             # requests), or the loop does not show them (uvloop): the write
             # goes with the task, as aiohttp's would, and writes and answers
