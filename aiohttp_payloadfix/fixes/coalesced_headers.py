@@ -163,11 +163,6 @@ def _held_class(base: Any) -> type:
         await base.drain(self)
 
     def set_eof(self: Any) -> None:
-        whole = vars(self._protocol).pop(_WHOLE, None)
-        if whole is not None:
-            # A whole request: send() hid its body from aiohttp (see _build_send).
-            _end_whole(self, whole)
-            return
         flush(self)
         base.set_eof(self)
 
@@ -273,8 +268,31 @@ def _build_write_headers(original: Callable[..., Any]) -> Callable[..., Any]:
 
     # A plain function: a server response gets aiohttp's own coroutine.
     def write_headers(self: Any, status_line: str, headers: Any) -> Any:
-        if type(self) is not base or not isinstance(self._protocol, client_protocol):
+        protocol = self._protocol
+        if type(self) is not base or not isinstance(protocol, client_protocol):
             return original(self, status_line, headers)
+        whole = protocol.__dict__.pop(_WHOLE, None)
+        if whole is not None:
+            # send() hid this request's body from aiohttp (see _build_send),
+            # having checked everything the write needs: its head and body
+            # go as one, and the writer is left as aiohttp's set_eof() would
+            # leave it after an unheld head and a body write.
+            data, f, size, url = whole
+            if f is not None:
+                data = f.read(size)  # (nothing ran since send() measured it)
+            assert serialize is not None  # (taskless_send() requires it)
+            buf = serialize(status_line, headers) + data
+            _ended(self, len(buf), size)
+            loop = self.loop
+            if _busy(loop):
+                # In a callback in the next loop iteration, which runs before
+                # any data read in that iteration, where aiohttp's write task
+                # would have run: writes and answers batch up as they do with
+                # the task.
+                loop.call_soon(_write_later, protocol, buf, url)
+            else:
+                _write_whole(protocol, buf, url)
+            return nothing()
         headers_sent = self._on_headers_sent
         chunk_sent = self._on_chunk_sent
         if (
@@ -376,7 +394,7 @@ _TASKLESS_LIMIT = 2**14
 #: keeps aiohttp's body write.
 _BODY_SIGNALS = ("on_request_headers_sent", "on_request_chunk_sent")
 
-#: Where send() leaves a whole request for the writer's set_eof(), on the
+#: Where send() leaves a whole request for this fix's write_headers, on the
 #: connection's protocol (one request at a time).
 _WHOLE = "_payloadfix_whole"
 
@@ -405,27 +423,6 @@ def _write_later(protocol: Any, buf: bytes, url: Any) -> None:
         _write_whole(protocol, buf, url)
     except Exception as exc:  # noqa: BLE001 - handed to the request
         protocol.set_exception(exc)
-
-
-def _end_whole(writer: Any, whole: Tuple[Any, Any, int, Any]) -> None:
-    """``set_eof()`` of a request whose body send() hid from aiohttp: the held
-    head and the body, in one write. At once when the event loop has nothing
-    else ready; otherwise in a callback in the next loop iteration, which
-    runs before any data read in that iteration, where aiohttp's write task
-    would have run: writes and answers batch up as they do with the task."""
-    data, f, size, url = whole
-    head = _release_head(writer, http_writer.StreamWriter)
-    if f is not None:
-        data = f.read(size)  # (nothing ran since send() measured it)
-    buf = head + data
-    _ended(writer, len(buf), size)
-    if not buf:  # an empty body whose head went out already
-        return
-    loop = writer.loop
-    if _busy(loop):
-        loop.call_soon(_write_later, writer._protocol, buf, url)
-    else:
-        _write_whole(writer._protocol, buf, url)
 
 
 #: ClientRequest subclasses (a session's ``request_class``): whether they
@@ -493,11 +490,13 @@ def _build_send(original: Callable[..., Any]) -> Callable[..., Any]:
     ``set_eof()`` and creates no task. Under load (other callbacks ready in
     asyncio's loop), a small in-memory body of its declared
     length, with no signal or 100-continue to wait for, takes that branch
-    too: the body is hidden from send() while it runs, and the held writer's
-    ``set_eof()`` writes the head with it in the next loop iteration, where
-    the task would have. Per request this saves the write task and its three
-    loop callbacks (its first step and two done callbacks). The body is back
-    on the request when send() returns or raises.
+    too: the body is hidden from send() while it runs, and ``write_headers``
+    (this fix's, which send() calls first) takes the whole request: head and
+    body, in one write in the next loop iteration, where the task would have
+    written them. The writer is never switched to the head-holding class.
+    Per request this saves the write task and its three loop callbacks (its
+    first step and two done callbacks), and the held head's bookkeeping. The
+    body is back on the request when send() returns or raises.
 
     On an idle loop the request is written inside send() by write_bytes, and
     the write task, empty by then, stays: without it the loop blocks for the
@@ -522,8 +521,9 @@ def _build_send(original: Callable[..., Any]) -> Callable[..., Any]:
             self.body = body
             left = state.pop(_WHOLE, None)
         if left is not None:
-            # The writer did not end with set_eof() (something else wrote the
-            # head): the body was not sent, so the request must not stand.
+            # This fix's write_headers did not take the request (something
+            # else wrote the head): the body was not sent, so the request
+            # must not stand.
             protocol.set_exception(
                 _write_error(
                     self.url, ": aiohttp_payloadfix found the request writer replaced"
@@ -756,6 +756,7 @@ def taskless_send() -> bool:
     loop iteration)."""
     return (
         "set_eof" in dir(http_writer.StreamWriter)
+        and getattr(http_writer, "_serialize_headers", None) is not None
         and not _send_starts_task_eagerly()
         and _send_ends_without_task()
     )

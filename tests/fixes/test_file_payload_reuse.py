@@ -7,9 +7,11 @@ against aiohttp's own server and the strict raw server of conftest.
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import os
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator, List, Optional, Tuple, Union
@@ -34,6 +36,7 @@ from conftest import (
 from yarl import URL
 
 import aiohttp_payloadfix
+from aiohttp_payloadfix import _filebody
 from aiohttp_payloadfix._fix import AIOHTTP_VERSION
 from aiohttp_payloadfix._ledger import MARKER
 from aiohttp_payloadfix.fixes import by_id
@@ -692,6 +695,39 @@ async def test_a_resend_stops_the_earlier_attempts_reads(
     await second.body.write(resent)
     assert bytes(resent.data) == data
     assert data.startswith(bytes(early.data))
+
+
+def test_bytesio_claims_live_with_their_requests(fixed: FixState) -> None:
+    """3.9-3.11: each request built from a BytesIO claims it; the claim of
+    the latest build is the current one, and the earlier ones are
+    superseded. No table keeps claims: once the requests are gone the file
+    has no claim and no weak reference left."""
+    if not fixed.applied:
+        pytest.skip(f"aiohttp {aiohttp.__version__}: no claims here")
+    loop = asyncio.new_event_loop()
+    try:
+        f = io.BytesIO(b"0123456789")
+        f.seek(4)
+        timer = TimerNoop()
+        url = URL("http://127.0.0.1/upload")
+        first = aiohttp.ClientRequest("PUT", url, data=f, timer=timer, loop=loop)
+        assert _filebody.claim_of(f) is first._payloadfix_claim
+        f.read()  # as the first attempt's write leaves it
+        second = aiohttp.ClientRequest("PUT", url, data=f, timer=timer, loop=loop)
+        assert f.tell() == 4  # a resend: back to where the call started
+        assert first._payloadfix_claim.superseded
+        assert _filebody.claim_of(f) is second._payloadfix_claim
+        f.seek(7)
+        other = aiohttp.ClientRequest("PUT", url, data=f, timer=TimerNoop(), loop=loop)
+        assert f.tell() == 7  # another call takes it where it is
+        assert second._payloadfix_claim.superseded
+        assert _filebody.claim_of(f) is other._payloadfix_claim
+        del first, second, other
+        gc.collect()
+        assert _filebody.claim_of(f) is None
+        assert weakref.getweakrefs(f) == []
+    finally:
+        loop.close()
 
 
 @pytest.mark.parametrize("status", [None, 307])
