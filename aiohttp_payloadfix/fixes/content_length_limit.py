@@ -171,7 +171,7 @@ def declared_body(
     else:
         body = body_of(request)
         found = (declared, body, body_size(body))
-    request.__dict__[_SENDING] = (id(writer), found)
+    setattr(request, _SENDING, (id(writer), found))
     return found
 
 
