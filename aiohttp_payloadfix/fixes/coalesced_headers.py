@@ -276,27 +276,12 @@ def _build_write_headers(original: Callable[..., Any]) -> Callable[..., Any]:
             return original(self, status_line, headers)
         whole = getattr(protocol, _WHOLE, None)
         if whole is not None:
-            protocol._payloadfix_whole = None  # type: ignore[attr-defined]
-            # send() hid this request's body from aiohttp (see _build_send),
-            # having checked everything the write needs: its head and body
-            # go as one, and the writer is left as aiohttp's set_eof() would
-            # leave it after an unheld head and a body write.
-            data, f, size, url = whole
-            if f is not None:
-                data = f.read(size)  # (nothing ran since send() measured it)
-            assert serialize is not None  # (taskless_send() requires it)
-            buf = serialize(status_line, headers) + data
-            _ended(self, len(buf), size)
-            loop = self.loop
-            if _busy(loop):
-                # In a callback in the next loop iteration, which runs before
-                # any data read in that iteration, where aiohttp's write task
-                # would have run: writes and answers batch up as they do with
-                # the task.
-                loop.call_soon(_write_later, protocol, buf, url)
+            if whole is _SENT or whole[4] is not headers:
+                # Left by a request that failed before its head: not this one.
+                protocol._payloadfix_whole = None  # type: ignore[attr-defined]
             else:
-                _write_whole(protocol, buf, url)
-            return nothing()
+                _write_whole_request(self, protocol, status_line, headers, whole)
+                return nothing()
         headers_sent = self._on_headers_sent
         chunk_sent = self._on_chunk_sent
         if (
@@ -327,6 +312,30 @@ def _build_write_headers(original: Callable[..., Any]) -> Callable[..., Any]:
         return nothing()
 
     return write_headers
+
+
+def _write_whole_request(
+    writer: Any, protocol: Any, status_line: str, headers: Any, whole: Any
+) -> None:
+    """Write the whole request send() left on the protocol (see _build_send),
+    having checked everything the write needs: its head and body go as one,
+    and the writer is left as aiohttp's own head and body writes would leave
+    it. Under load the write waits for the next loop iteration, where
+    aiohttp's write task would have run (writes and answers batch up as they
+    do with the task); on an idle loop it goes now, and the protocol keeps a
+    mark for this fix's write_bytes, whose task (aiohttp's, kept) has nothing
+    left to write."""
+    data, f, size, url, _, busy = whole
+    if f is not None:
+        data = f.read(size)  # (nothing ran since send() measured it)
+    buf = _serialize(status_line, headers) + data
+    _ended(writer, len(buf), size)
+    if busy:
+        protocol._payloadfix_whole = None
+        writer.loop.call_soon(_write_later, protocol, buf, url)
+    else:
+        protocol._payloadfix_whole = _SENT
+        _write_whole(protocol, buf, url)
 
 
 def _busy(loop: Any) -> bool:
@@ -404,6 +413,15 @@ _BODY_SIGNALS = ("on_request_headers_sent", "on_request_chunk_sent")
 #: attributes into a dict, and every later attribute access on it, aiohttp's
 #: included, measured about 2% slower for sequential empty requests here.)
 _WHOLE = "_payloadfix_whole"
+
+#: What write_headers leaves there once it wrote a request whole on an idle
+#: loop, for write_bytes.
+_SENT = object()
+
+#: aiohttp's head serialiser (C or Python, as aiohttp chose; 3.11 has one).
+_serialize: Callable[[str, Any], bytes] = getattr(
+    http_writer, "_serialize_headers", None
+)  # type: ignore[assignment]
 
 
 def _write_error(url: Any, why: str = "") -> Exception:
@@ -505,13 +523,19 @@ def _build_send(original: Callable[..., Any]) -> Callable[..., Any]:
     first step and two done callbacks), and the held head's bookkeeping. The
     body is back on the request when send() returns or raises.
 
-    On an idle loop the request is written inside send() by write_bytes, and
-    the write task, empty by then, stays: without it the loop blocks for the
-    answer right after the write, and sequential small requests measured
-    here ran 10-15% slower (a sleeping client wakes up later than one still
-    busy with the task's callbacks when the answer arrives). A loop that does
-    not show its ready callbacks (uvloop) keeps the task too: whether it is
-    busy is unknown, and the task's timing is the one measured.
+    On an idle loop the body stays on the request, and ``write_headers``
+    writes the whole request at once, inside send(); aiohttp's write task
+    stays, empty (this fix's ``write_bytes`` finds the request written):
+    without it the loop blocks for the answer right after the write, and
+    sequential small requests measured here ran 10-15% slower (a sleeping
+    client wakes up later than one still busy with the task's callbacks when
+    the answer arrives). A loop that does not show its ready callbacks
+    (uvloop) takes aiohttp's path, with the held head: whether it is busy is
+    unknown, and the task's timing is the one measured.
+
+    The request is left on the connection's protocol for ``write_headers``
+    with its headers object, so a request that failed before its head was
+    written cannot be taken for the next one on that connection.
     """
     whole_body = _build_whole_body()
     base = http_writer.StreamWriter
@@ -527,7 +551,7 @@ def _build_send(original: Callable[..., Any]) -> Callable[..., Any]:
             self.body = body
             left = protocol._payloadfix_whole
             protocol._payloadfix_whole = None
-        if left is not None:
+        if left is not None and left is not _SENT:
             # This fix's write_headers did not take the request (something
             # else wrote the head): the body was not sent, so the request
             # must not stand.
@@ -544,10 +568,10 @@ def _build_send(original: Callable[..., Any]) -> Callable[..., Any]:
     def send(self: Any, conn: Any) -> Any:
         protocol = conn.protocol
         cls = type(self)
+        # asyncio's loops keep their ready callbacks here; uvloop does not.
+        ready = getattr(self.loop, "_ready", None)
         if (
-            # Only where other callbacks are known to be ready: an idle loop
-            # or one that does not show them (uvloop) keeps the write task.
-            not getattr(self.loop, "_ready", None)
+            ready is None
             or (cls is not request_class and not _plain_request_class(cls))
             or self._continue is not None
             or self.chunked is not None
@@ -564,7 +588,12 @@ def _build_send(original: Callable[..., Any]) -> Callable[..., Any]:
         whole = whole_body(self)
         if whole is None or whole[2] > _TASKLESS_LIMIT:
             return original(self, conn)
-        return taskless(self, conn, protocol, (*whole, self.url))
+        if ready:  # other callbacks wait: no write task
+            return taskless(
+                self, conn, protocol, (*whole, self.url, self.headers, True)
+            )
+        protocol._payloadfix_whole = (*whole, self.url, self.headers, False)
+        return original(self, conn)
 
     return send
 
@@ -596,6 +625,17 @@ def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
 
     # A plain function: any other request gets the original's coroutine.
     def write_bytes(self: Any, writer: Any, conn: Any, *args: Any) -> Any:
+        protocol = conn.protocol
+        if getattr(protocol, _WHOLE, None) is not None:
+            sent = protocol._payloadfix_whole
+            protocol._payloadfix_whole = None
+            if sent is _SENT:  # write_headers wrote the whole request
+                if protocol._paused:
+                    # As write_eof() would: the read timeout starts once the
+                    # transport has taken the body.
+                    return _drained(writer, protocol)
+                protocol.start_timeout()
+                return nothing()
         if (
             type(writer) not in _HOLDING
             or writer._payloadfix_loud  # (a trace receiver, see write_headers)
@@ -619,7 +659,6 @@ def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
         # Nothing else to run: the request goes now, if the transport is open
         # and not paused, and the server works on it while the caller gets
         # ready to read the answer.
-        protocol = conn.protocol
         transport = _ready(protocol)
         if transport is None:
             return original(self, writer, conn, *args)

@@ -606,6 +606,37 @@ def test_an_eager_write_task_keeps_aiohttps_send(fixed: FixState) -> None:
     assert getattr(client_reqrep.ClientRequest.send, MARKER, None) != FIX_ID
 
 
+@pytest.mark.skipif(not TASKLESS, reason="send() leaves no request on the connection")
+@pytest.mark.parametrize("then", ["GET", "a 20 KiB POST"])
+async def test_a_request_left_on_the_connection_is_not_taken_for_the_next(
+    fixed: FixState, raw_server: RawHTTPServer, then: str
+) -> None:
+    """send() leaves a small request on its connection's protocol for
+    write_headers. One left there by a request that failed before its head
+    (aiohttp closes that connection, so this is a guard) must not be written
+    for the next request on the connection, here one that send() leaves
+    nothing for: each request is known by its headers object."""
+    async with aiohttp.ClientSession(timeout=SAFETY) as session:
+        async with session.post(raw_server.url("/upload"), data=b"first") as resp:
+            await resp.read()
+        # The pooled connection (3.11's pool: key -> [(protocol, time)]).
+        pool = session.connector._conns  # type: ignore[union-attr]
+        ((protocol, _),) = [entry for entries in pool.values() for entry in entries]
+        stale = (b"stale!", None, 6, URL("http://x/"), CIMultiDict(), False)
+        protocol._payloadfix_whole = stale
+        if then == "GET":
+            request = session.get(raw_server.url("/"))
+        else:
+            request = session.post(raw_server.url("/upload"), data=b"b" * (20 * KiB))
+        async with request as resp:
+            assert resp.status == 200
+            await resp.read()
+    raw_server.assert_clean()
+    expected = b"" if then == "GET" else b"b" * (20 * KiB)
+    assert [r.body for r in raw_server.requests] == [b"first", expected]
+    assert protocol._payloadfix_whole is None
+
+
 @pytest.mark.skipif(not TASKLESS, reason="send() has no branch without a task")
 async def test_bug_reproduces_unfixed_every_request_makes_a_write_task(
     unfixed: FixState, raw_server: RawHTTPServer, body_writes: BodyWrites
