@@ -50,10 +50,14 @@ copied, above 64 KiB):
   answers batch up. (Writing at once there
   cost 15% of the throughput of 64 concurrent 1 KiB BytesIO requests.)
 
-On 3.11 below Python 3.12, whose ``send()`` ends a request without a body
-with the writer's ``set_eof()`` and no write task, a whole request of at most
-16 KiB under load takes that branch too (see ``_build_send``): no task, and
-its three loop callbacks, for the common small concurrent request.
+On 3.11 below Python 3.12 a whole request of at most 16 KiB is written by
+this fix's ``write_headers`` instead, without holding its head (see
+``_build_send``): ``send()`` leaves it on the connection's protocol, and the
+head and body go out together, at once on an idle loop, in the next loop
+iteration under load. Under load there is no write task either: that
+``send()`` ends a request without a body with the writer's ``set_eof()``,
+and the body is hidden from it meanwhile, which saves the task and its
+three loop callbacks for the common small concurrent request.
 
 Every other request takes aiohttp's path, with the held head. A body above
 the transport's high-water mark is followed by a drain before the read
