@@ -596,6 +596,11 @@ def _build_send(original: Callable[..., Any]) -> Callable[..., Any]:
             return taskless(
                 self, conn, protocol, (*whole, self.url, self.headers, True)
             )
+        if request_class.write_bytes is not _ends_whole[0]:
+            # The body stays on the request, and this fix's write_bytes must
+            # be the one send() calls, to find the request written: another
+            # on top of it (which may not call it) gets the held head.
+            return original(self, conn)
         protocol._payloadfix_whole = (*whole, self.url, self.headers, False)
         return original(self, conn)
 
@@ -671,7 +676,13 @@ def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
         )
         return nothing() if drained is None else drained
 
+    _ends_whole[0] = write_bytes
     return write_bytes
+
+
+#: This fix's ClientRequest.write_bytes, the one that ends a request
+#: write_headers wrote whole on an idle loop (see _build_send).
+_ends_whole: List[Any] = [None]
 
 
 class _Transport:

@@ -637,6 +637,31 @@ async def test_a_request_left_on_the_connection_is_not_taken_for_the_next(
     assert protocol._payloadfix_whole is None
 
 
+@pytest.mark.skipif(not TASKLESS, reason="send() leaves no request on the connection")
+async def test_a_write_bytes_put_on_top_gets_the_held_head(
+    fixed: FixState,
+    raw_server: RawHTTPServer,
+    wire: Wire,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On an idle loop write_headers writes a small request whole only while
+    this fix's write_bytes is the one send() calls (it finds the request
+    written). A write_bytes another library put on top, which writes the
+    body itself, must not send it a second time: it gets the held head."""
+
+    async def own_write_bytes(self: Any, writer: Any, conn: Any, *args: Any) -> None:
+        await writer.write(self.body._value)
+        await writer.write_eof()
+        conn.protocol.start_timeout()
+
+    monkeypatch.setattr(client_reqrep.ClientRequest, "write_bytes", own_write_bytes)
+    await post(raw_server, b"x" * KiB)
+    assert one_request(raw_server) == b"x" * KiB
+    # Nothing else went out: the head, joined to the body's one write.
+    (write,) = wire.client()
+    assert head_of(write)[1] == b"x" * KiB
+
+
 @pytest.mark.skipif(not TASKLESS, reason="send() has no branch without a task")
 async def test_bug_reproduces_unfixed_every_request_makes_a_write_task(
     unfixed: FixState, raw_server: RawHTTPServer, body_writes: BodyWrites
