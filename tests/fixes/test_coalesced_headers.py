@@ -621,9 +621,10 @@ async def test_a_request_left_on_the_connection_is_not_taken_for_the_next(
             await resp.read()
         # The pooled connection (3.11's pool: key -> [(protocol, time)]).
         pool = session.connector._conns  # type: ignore[union-attr]
+        protocol: Any
         ((protocol, _),) = [entry for entries in pool.values() for entry in entries]
-        stale = (b"stale!", None, 6, URL("http://x/"), CIMultiDict(), False)
-        protocol._payloadfix_whole = stale
+        stale: Tuple[Any, ...] = (b"stale!", None, 6, URL("http://x/"), CIMultiDict())
+        protocol._payloadfix_whole = (*stale, False)
         if then == "GET":
             request = session.get(raw_server.url("/"))
         else:

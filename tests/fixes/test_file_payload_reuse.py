@@ -710,15 +710,17 @@ def test_bytesio_claims_live_with_their_requests(fixed: FixState) -> None:
         f.seek(4)
         timer = TimerNoop()
         url = URL("http://127.0.0.1/upload")
-        first = aiohttp.ClientRequest("PUT", url, data=f, timer=timer, loop=loop)
+        first: Any = aiohttp.ClientRequest("PUT", url, data=f, timer=timer, loop=loop)
         assert _filebody.claim_of(f) is first._payloadfix_claim
         f.read()  # as the first attempt's write leaves it
-        second = aiohttp.ClientRequest("PUT", url, data=f, timer=timer, loop=loop)
+        second: Any = aiohttp.ClientRequest("PUT", url, data=f, timer=timer, loop=loop)
         assert f.tell() == 4  # a resend: back to where the call started
         assert first._payloadfix_claim.superseded
         assert _filebody.claim_of(f) is second._payloadfix_claim
         f.seek(7)
-        other = aiohttp.ClientRequest("PUT", url, data=f, timer=TimerNoop(), loop=loop)
+        other: Any = aiohttp.ClientRequest(
+            "PUT", url, data=f, timer=TimerNoop(), loop=loop
+        )
         assert f.tell() == 7  # another call takes it where it is
         assert second._payloadfix_claim.superseded
         assert _filebody.claim_of(f) is other._payloadfix_claim
