@@ -231,7 +231,7 @@ def _traces_quiet(traces: Any, signal: Union[str, Tuple[str, ...]]) -> bool:
             # (An attribute: through vars() the config's inline attributes,
             # which aiohttp reads for every signal, would become a dict.)
             known = getattr(config, _QUIET, None)
-            if known is None:
+            if type(known) is not dict:
                 known = {}
                 setattr(config, _QUIET, known)
             quiet = known.get(signal)
@@ -281,7 +281,8 @@ def _build_write_headers(original: Callable[..., Any]) -> Callable[..., Any]:
         whole = getattr(protocol, _WHOLE, None)
         if whole is not None:
             if whole is _SENT or whole[4] is not headers:
-                # Left by a request that failed before its head: not this one.
+                # Not this request's: left by one that failed before its head
+                # (or the mark of one whose write task never came).
                 protocol._payloadfix_whole = None  # type: ignore[attr-defined]
             else:
                 _write_whole_request(self, protocol, status_line, headers, whole)

@@ -607,9 +607,10 @@ def test_an_eager_write_task_keeps_aiohttps_send(fixed: FixState) -> None:
 
 
 @pytest.mark.skipif(not TASKLESS, reason="send() leaves no request on the connection")
+@pytest.mark.parametrize("left", ["a request", "a written mark"])
 @pytest.mark.parametrize("then", ["GET", "a 20 KiB POST"])
 async def test_a_request_left_on_the_connection_is_not_taken_for_the_next(
-    fixed: FixState, raw_server: RawHTTPServer, then: str
+    fixed: FixState, raw_server: RawHTTPServer, then: str, left: str
 ) -> None:
     """send() leaves a small request on its connection's protocol for
     write_headers. One left there by a request that failed before its head
@@ -624,7 +625,9 @@ async def test_a_request_left_on_the_connection_is_not_taken_for_the_next(
         protocol: Any
         ((protocol, _),) = [entry for entries in pool.values() for entry in entries]
         stale: Tuple[Any, ...] = (b"stale!", None, 6, URL("http://x/"), CIMultiDict())
-        protocol._payloadfix_whole = (*stale, False)
+        protocol._payloadfix_whole = (
+            (*stale, False) if left == "a request" else coalesced_headers._SENT
+        )
         if then == "GET":
             request = session.get(raw_server.url("/"))
         else:
@@ -636,6 +639,80 @@ async def test_a_request_left_on_the_connection_is_not_taken_for_the_next(
     expected = b"" if then == "GET" else b"b" * (20 * KiB)
     assert [r.body for r in raw_server.requests] == [b"first", expected]
     assert protocol._payloadfix_whole is None
+
+
+@pytest.mark.skipif(not TASKLESS, reason="send() leaves no request on the connection")
+@pytest.mark.parametrize("kind", ["empty bytes", "bytes", "BytesIO"])
+async def test_on_an_idle_loop_write_headers_writes_the_whole_request(
+    fixed: FixState,
+    raw_server: RawHTTPServer,
+    wire: Wire,
+    monkeypatch: pytest.MonkeyPatch,
+    kind: str,
+) -> None:
+    """Sequential small requests: write_headers writes head and body at once
+    (the writer never holds the head), and nothing is left on the protocol."""
+    taken: List[bool] = []
+    write_whole_request = coalesced_headers._write_whole_request
+
+    def spy(writer: Any, protocol: Any, *args: Any) -> None:
+        write_whole_request(writer, protocol, *args)
+        taken.append(args[-1][-1])  # (the request's busy flag)
+        assert type(writer) is http_writer.StreamWriter
+        assert protocol._payloadfix_whole is coalesced_headers._SENT
+
+    monkeypatch.setattr(coalesced_headers, "_write_whole_request", spy)
+    data = IN_MEMORY[kind]()
+    await post(raw_server, data)
+    assert one_request(raw_server) == content(data)
+    assert taken == [False]
+    (write,) = wire.client()
+    assert head_of(write)[1] == content(data)
+
+
+@pytest.mark.skipif(not TASKLESS, reason="send() leaves no request on the connection")
+async def test_a_request_written_whole_on_an_idle_loop_starts_its_read_timeout(
+    fixed: FixState,
+) -> None:
+    """A request written whole on an idle loop still has a read timeout: a
+    server that never answers is a ``sock_read`` timeout, not a wait for the
+    total timeout. (The write task that finds the request written restarts
+    it after the write, as aiohttp's body write does; aiohttp also starts it
+    when the connection is taken, so this does not tell the two apart.)"""
+    received = asyncio.Event()
+    stop = asyncio.Event()
+    handlers: List[asyncio.Task[None]] = []
+
+    async def silent(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        received.set()
+        await stop.wait()  # never answers
+        writer.close()
+
+    async def handle(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        task = asyncio.ensure_future(silent(reader, writer))
+        handlers.append(task)
+        await task
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        timeout = aiohttp.ClientTimeout(total=20, sock_read=0.3)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            with pytest.raises(aiohttp.ServerTimeoutError):
+                await asyncio.wait_for(
+                    session.post(f"http://127.0.0.1:{port}/", data=b"x" * KiB), 10
+                )
+        assert received.is_set()
+    finally:
+        stop.set()
+        await asyncio.gather(*handlers, return_exceptions=True)
+        server.close()
+        await server.wait_closed()
 
 
 @pytest.mark.skipif(not TASKLESS, reason="send() leaves no request on the connection")
