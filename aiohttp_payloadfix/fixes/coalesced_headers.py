@@ -260,7 +260,7 @@ def _build_write_headers(original: Callable[..., Any]) -> Callable[..., Any]:
     client_protocol = client_proto.ResponseHandler
     # What write_headers does on 3.9-3.11 after its trace signal: serialise
     # the head (C or Python, as aiohttp chose) and write it.
-    serialize = getattr(http_writer, "_serialize_headers", None)
+    serialize = _serialize
 
     async def hold_head(self: Any, status_line: str, headers: Any) -> None:
         self.__class__ = held
@@ -333,7 +333,7 @@ def _write_whole_request(
     data, f, size, url, _, busy = whole
     if f is not None:
         data = f.read(size)  # (nothing ran since send() measured it)
-    buf = _serialize(status_line, headers) + data
+    buf = _serialize(status_line, headers) + data  # type: ignore[misc]
     _ended(writer, len(buf), size)
     if busy:
         protocol._payloadfix_whole = None
@@ -395,9 +395,14 @@ def _send_whole(writer: Any, protocol: Any, transport: Any, data: Any) -> Any:
         transport.write(head)
         transport.write(data)
     _ended(writer, len(head) + size, size)
+    return _body_sent(writer, protocol)
+
+
+def _body_sent(writer: Any, protocol: Any) -> Any:
+    """What ends a write task once the whole body is on the transport: as
+    write_eof() would, the read timeout starts once the transport has taken
+    the body (after a drain, if it paused). A coroutine to await, or None."""
     if protocol._paused:
-        # As write_eof() would: the read timeout starts once the transport
-        # has taken the body.
         return _drained(writer, protocol)
     protocol.start_timeout()
     return None
@@ -423,10 +428,11 @@ _WHOLE = "_payloadfix_whole"
 #: loop, for write_bytes.
 _SENT = object()
 
-#: aiohttp's head serialiser (C or Python, as aiohttp chose; 3.11 has one).
-_serialize: Callable[[str, Any], bytes] = getattr(
+#: aiohttp's head serialiser (C or Python, as aiohttp chose), None where the
+#: release has none; taskless_send() requires it.
+_serialize: Optional[Callable[[str, Any], bytes]] = getattr(
     http_writer, "_serialize_headers", None
-)  # type: ignore[assignment]
+)
 
 
 def _write_error(url: Any, why: str = "") -> Exception:
@@ -636,16 +642,12 @@ def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
     # A plain function: any other request gets the original's coroutine.
     def write_bytes(self: Any, writer: Any, conn: Any, *args: Any) -> Any:
         protocol = conn.protocol
-        if getattr(protocol, _WHOLE, None) is not None:
-            sent = protocol._payloadfix_whole
+        sent = getattr(protocol, _WHOLE, None)
+        if sent is not None:
             protocol._payloadfix_whole = None
             if sent is _SENT:  # write_headers wrote the whole request
-                if protocol._paused:
-                    # As write_eof() would: the read timeout starts once the
-                    # transport has taken the body.
-                    return _drained(writer, protocol)
-                protocol.start_timeout()
-                return nothing()
+                drained = _body_sent(writer, protocol)
+                return nothing() if drained is None else drained
         if (
             type(writer) not in _HOLDING
             or writer._payloadfix_loud  # (a trace receiver, see write_headers)
@@ -818,7 +820,7 @@ def taskless_send() -> bool:
     loop iteration)."""
     return (
         "set_eof" in dir(http_writer.StreamWriter)
-        and getattr(http_writer, "_serialize_headers", None) is not None
+        and _serialize is not None
         and not _send_starts_task_eagerly()
         and _send_ends_without_task()
     )
