@@ -378,51 +378,50 @@ async def test_in_memory_body_goes_out_before_send_returns(
 
 @pytest.mark.skipif(not AFFECTED, reason="3.12+: aiohttp's own timing")
 @pytest.mark.parametrize("declared", ["by aiohttp", "by the caller"])
-@pytest.mark.parametrize("kind", ["bytes", "BytesIO"])
-async def test_an_empty_declared_body_on_an_idle_loop_goes_aiohttps_way(
+async def test_an_empty_declared_body_sends_its_head_from_write_headers(
     declared: str,
-    kind: str,
     fixed: FixState,
     raw_server: RawHTTPServer,
     send_watch: SendWatch,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Content-Length: 0 on an idle loop: nothing can join the head, so the
-    request is aiohttp's: send() leaves nothing for write_headers, aiohttp's
-    write_headers writes the head, and the empty body ends with aiohttp's
-    body write (whose last step is the writer's write_eof), not written
-    whole. (Written whole, sequential empty POSTs left the client idle sooner
-    after the write and ran slower than unpatched here.)"""
+    """Content-Length: 0 on an idle loop: nothing can join the head, so it is
+    written where aiohttp's own write_headers writes it, before the body's
+    write_bytes is even called; the empty body then ends without aiohttp's
+    body write (whose last step is the writer's write_eof)."""
     after_head: List[List[bytes]] = []
-    at_eof: List[List[bytes]] = []
-    left: List[Any] = []
+    before_body: List[List[bytes]] = []
     write_headers = http_writer.StreamWriter.write_headers
+    write_bytes = client_reqrep.ClientRequest.write_bytes
     write_eof = http_writer.StreamWriter.write_eof
+    eofs: List[Any] = []
 
-    async def watched_headers(self: Any, *args: Any) -> None:
-        left.append(getattr(self._protocol, "_payloadfix_whole", None))
-        await write_headers(self, *args)
+    def watched_headers(self: Any, *args: Any) -> Any:
+        result = write_headers(self, *args)
         after_head.append(send_watch.wire.client())
+        return result
+
+    def watched(self: Any, *args: Any) -> Any:
+        before_body.append(send_watch.wire.client())
+        return write_bytes(self, *args)
 
     def counted_eof(self: Any, *args: Any) -> Any:
-        at_eof.append(send_watch.wire.client())
+        eofs.append(self)
         return write_eof(self, *args)
 
-    # (ClientRequest.write_bytes is left alone: send() takes the whole-request
-    # path only under the fix's own.)
     monkeypatch.setattr(http_writer.StreamWriter, "write_headers", watched_headers)
+    monkeypatch.setattr(client_reqrep.ClientRequest, "write_bytes", watched)
     monkeypatch.setattr(http_writer.StreamWriter, "write_eof", counted_eof)
     headers = {"Content-Length": "0"} if declared == "by the caller" else None
-    await post(raw_server, b"" if kind == "bytes" else io.BytesIO(), headers=headers)
+    await post(raw_server, b"", headers=headers)
     assert one_request(raw_server) == b""
-    assert left == [None]
     ((write,),) = after_head
     head, rest = head_of(write)
     assert b"\r\nContent-Length: 0\r\n" in head and rest == b""
     assert send_watch.at_return == after_head
-    # aiohttp's body write ends it, with the head already out and alone.
-    assert at_eof == after_head
-    assert send_watch.wire.client() == after_head[0]
+    # The write task starts with the head already out.
+    assert before_body == after_head
+    assert eofs == []
 
 
 @pytest.mark.skipif(not LAZY_TASK, reason="the body write starts inside send()")
@@ -643,7 +642,7 @@ async def test_a_request_left_on_the_connection_is_not_taken_for_the_next(
 
 
 @pytest.mark.skipif(not TASKLESS, reason="send() leaves no request on the connection")
-@pytest.mark.parametrize("kind", ["bytes", "BytesIO"])
+@pytest.mark.parametrize("kind", ["empty bytes", "bytes", "BytesIO"])
 async def test_on_an_idle_loop_write_headers_writes_the_whole_request(
     fixed: FixState,
     raw_server: RawHTTPServer,
