@@ -53,8 +53,9 @@ SAFETY = aiohttp.ClientTimeout(total=30)
 UPSTREAM_LEAVES_FAILED_FILE_OPEN = (3, 13, 0) <= AIOHTTP_VERSION < (3, 14, 2)
 
 #: Measured here: 3.13.0, 3.13.5 and 3.14.0-3.14.3 retry a file body on a lost
-#: connection with what the first attempt left of it (3.14.4 fixed it); as
-#: test_faults_resend.py found for a stale pooled connection.
+#: connection (a stale pooled one, or one the server closed mid-upload) with
+#: what the first attempt left of it (3.14.4 fixed it). The package changes
+#: nothing on 3.13+, so there the bug is upstream's, untouched.
 UPSTREAM_TRUNCATES_RETRIES = (3, 13, 0) <= AIOHTTP_VERSION < (3, 14, 4)
 
 

@@ -29,6 +29,7 @@ import pytest
 from conftest import ConnectionCounter, RawRequest, Reply, content, fix_needed
 from faults_support import (  # with the shared pytest fixtures
     SAFETY,
+    UPSTREAM_TRUNCATES_RETRIES,
     FaultServer,
     Opened,
     QueuedRoutes,
@@ -48,10 +49,6 @@ RETRIES = AIOHTTP_VERSION >= (3, 10, 0)
 RESEND_FIX = "file-resend" if AIOHTTP_VERSION >= (3, 12, 0) else "file-payload-reuse"
 #: 3.12.0-3.12.7 close a BytesIO body after its first write.
 BYTESIO_CLOSED_AFTER_WRITE = (3, 12, 0) <= AIOHTTP_VERSION < (3, 12, 8)
-#: Measured here: 3.13.0, 3.13.5 and 3.14.0-3.14.3 retry a file body on a stale
-#: connection with what the first attempt left of it (3.14.4 fixed it). The
-#: package changes nothing on 3.13+, so there the bug is upstream's, untouched.
-UPSTREAM_TRUNCATES_RETRIES = (3, 13, 0) <= AIOHTTP_VERSION < (3, 14, 4)
 UNTOUCHED_RETRY = (
     f"aiohttp {aiohttp.__version__} retries a file with what the first attempt"
     " left of it (fixed upstream in 3.14.4; the package changes nothing on 3.13+)"
