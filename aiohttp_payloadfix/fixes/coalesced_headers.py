@@ -311,13 +311,7 @@ def _build_write_headers(original: Callable[..., Any]) -> Callable[..., Any]:
                         protocol.set_exception(_write_error(url))
                     else:
                         transport.write(buf)
-                # What aiohttp's writes leave on the writer (see _ended).
-                sent = len(buf)
-                self.buffer_size += sent
-                self.output_size += sent
-                if self.length is not None:
-                    self.length -= size
-                self._eof = True
+                _ended(self, len(buf), size)  # (after the write: off its path)
                 return nothing()
         headers_sent = self._on_headers_sent
         chunk_sent = self._on_chunk_sent
@@ -622,21 +616,22 @@ def _build_send(original: Callable[..., Any]) -> Callable[..., Any]:
             size = len(data)
             if size > _TASKLESS_LIMIT or self.headers.get(content_length) != str(size):
                 return original(self, conn)
-            whole: Any = (data, None, size)
+            f = None
         else:
             whole = whole_body(self)
             if whole is None or whole[2] > _TASKLESS_LIMIT:
                 return original(self, conn)
+            data, f, size = whole
         if ready:  # other callbacks wait: no write task
             return taskless(
-                self, conn, protocol, (*whole, self.url, self.headers, True)
+                self, conn, protocol, (data, f, size, self.url, self.headers, True)
             )
         if request_class.write_bytes is not _ends_whole[0]:
             # The body stays on the request, and this fix's write_bytes must
             # be the one send() calls, to find the request written: another
             # on top of it (which may not call it) gets the held head.
             return original(self, conn)
-        protocol._payloadfix_whole = (*whole, self.url, self.headers, False)
+        protocol._payloadfix_whole = (data, f, size, self.url, self.headers, False)
         return original(self, conn)
 
     return send
@@ -674,11 +669,8 @@ def _build_write_bytes(original: Callable[..., Any]) -> Callable[..., Any]:
         if sent is not None:
             protocol._payloadfix_whole = None
             if sent is _SENT:  # write_headers wrote the whole request
-                # (_body_sent, inline.)
-                if protocol._paused:
-                    return _drained(writer, protocol)
-                protocol.start_timeout()
-                return nothing()
+                drained = _body_sent(writer, protocol)
+                return nothing() if drained is None else drained
         if (
             type(writer) not in _HOLDING
             or writer._payloadfix_loud  # (a trace receiver, see write_headers)
