@@ -306,9 +306,14 @@ async def eventually_closed(files: List[Any]) -> None:
     assert [f.closed for f in files] == [True] * len(files), "file left open"
 
 
-async def left_open(files: List[Any]) -> None:
-    """None of ``files`` was closed, even given the time a scheduled close
-    takes (UPSTREAM_LEAVES_FAILED_FILE_OPEN)."""
+async def closed_after(files: List[Any], *, failed: bool) -> None:
+    """``files``, the bodies of requests that ended, are closed; except where
+    upstream leaves the file of a request that failed before its response
+    open (UPSTREAM_LEAVES_FAILED_FILE_OPEN): then none was closed, even given
+    the time a scheduled close takes."""
+    if not (failed and UPSTREAM_LEAVES_FAILED_FILE_OPEN):
+        await eventually_closed(files)
+        return
     await asyncio.sleep(0.1)
     assert [f.closed for f in files] == [False] * len(files), "file closed"
 

@@ -41,8 +41,8 @@ from faults_support import (  # with the shared pytest fixtures
     assert_complete_bodies,
     assert_never_reused_in_doubt,
     assert_retry_carries_the_rest,
+    closed_after,
     eventually_closed,
-    left_open,
     next_request_works,
     opened,
     released,
@@ -108,10 +108,7 @@ BYTESIO_CLOSED_AFTER_WRITE = (3, 12, 0) <= AIOHTTP_VERSION < (3, 12, 8)
 async def check_body_object(kind: Kind, body: Any, *, failed: bool = False) -> None:
     """``failed``: the request ended in an error before its response came."""
     if kind.closes:
-        if failed and UPSTREAM_LEAVES_FAILED_FILE_OPEN:
-            await left_open([body])
-        else:
-            await eventually_closed([body])
+        await closed_after([body], failed=failed)
     if kind.stays_open and not BYTESIO_CLOSED_AFTER_WRITE:
         assert not body.closed
 
@@ -183,7 +180,7 @@ async def cancel_sweep(
             pytest.fail(f"the upload never completed within {MAX_ITERATIONS} steps")
     await server.settle()
     if unanswered:
-        await left_open(unanswered)
+        await closed_after(unanswered, failed=True)
     return cancelled
 
 
@@ -356,10 +353,7 @@ async def test_cancel_at_file_stage(
         await next_request_works(session, server)
         body.gate.set()
         await next_request_works(session, server)
-        if completed or not UPSTREAM_LEAVES_FAILED_FILE_OPEN:
-            await eventually_closed([body])
-        else:
-            await left_open([body])
+        await closed_after([body], failed=not completed)
     await server.settle()
     assert_never_reused_in_doubt(server)
     assert_complete_bodies(uploads(server), data)

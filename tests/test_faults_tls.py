@@ -17,7 +17,6 @@ import trustme
 from conftest import ConnectionCounter, Reply, fix_needed
 from faults_support import (  # with the shared pytest fixtures
     SAFETY,
-    UPSTREAM_LEAVES_FAILED_FILE_OPEN,
     UPSTREAM_TRUNCATES_RETRIES,
     FaultServer,
     GatedFile,
@@ -26,8 +25,8 @@ from faults_support import (  # with the shared pytest fixtures
     assert_complete_bodies,
     assert_never_reused_in_doubt,
     assert_retry_carries_the_rest,
+    closed_after,
     eventually_closed,
-    left_open,
     next_request_works,
     opened,
     released,
@@ -162,10 +161,7 @@ async def test_tls_cancel_mid_file(
         await next_request_works(s, server)
         body.gate.set()
         await next_request_works(s, server)
-        if UPSTREAM_LEAVES_FAILED_FILE_OPEN:
-            await left_open([body])
-        else:
-            await eventually_closed([body])
+        await closed_after([body], failed=True)
     await server.settle()
     assert_never_reused_in_doubt(server)
     uploads = [r for r in server.requests if r.target == "/upload"]
@@ -237,10 +233,7 @@ async def test_tls_sock_read_timeout(
         except aiohttp.ServerTimeoutError as exc:
             error = exc
         await next_request_works(s, server)
-        if UPSTREAM_LEAVES_FAILED_FILE_OPEN:
-            await left_open([body])
-        else:
-            await eventually_closed([body])
+        await closed_after([body], failed=True)
     await server.settle()
     assert isinstance(error, aiohttp.ServerTimeoutError)
     assert_never_reused_in_doubt(server)
