@@ -32,7 +32,14 @@ from typing import (
 import aiohttp
 import pytest
 from aiohttp import client_proto, client_reqrep, http_writer, web
-from conftest import ConnectionCounter, FixState, RawHTTPServer, Reply, switched
+from conftest import (
+    ConnectionCounter,
+    FixState,
+    RawHTTPServer,
+    Reply,
+    WebServer,
+    switched,
+)
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -672,6 +679,133 @@ async def test_on_an_idle_loop_write_headers_writes_the_whole_request(
     assert taken == [1]
     (write,) = wire.client()
     assert head_of(write)[1] == content(data)
+
+
+#: Request shapes: (written whole by send() itself on an idle loop, session
+#: arguments, request arguments). send() writes a request before aiohttp's
+#: send() runs only where that send() leaves the head as built (no header
+#: added or replaced, the target the URL's path and query); the others are
+#: written from write_headers. Every one goes out as the unpatched client
+#: sends it.
+SHAPES: Dict[str, Tuple[bool, Callable[[], Dict[str, Any]], Dict[str, Any]]] = {
+    "POST": (True, dict, {}),
+    "PUT with a query": (True, dict, {"method": "PUT", "params": {"q": "a b/ä"}}),
+    "GET with a body": (True, dict, {"method": "GET"}),
+    "the caller's Content-Type": (
+        True,
+        dict,
+        {"headers": {"content-type": "text/plain", "X-Other": "1"}},
+    ),
+    "the caller's Content-Length": (True, dict, {"headers": {"Content-Length": ""}}),
+    "the caller's Connection": (False, dict, {"headers": {"connection": "keep-alive"}}),
+    "no automatic Content-Type": (False, dict, {"skip_auto_headers": ["Content-Type"]}),
+    "HTTP/1.0": (False, lambda: {"version": aiohttp.HttpVersion10}, {}),
+    "a closing connector": (
+        False,
+        lambda: {"connector": aiohttp.TCPConnector(force_close=True)},
+        {},
+    ),
+}
+
+
+@pytest.mark.skipif(not TASKLESS, reason="send() leaves no request on the connection")
+@pytest.mark.parametrize("kind", ["empty bytes", "bytes", "BytesIO"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+async def test_on_an_idle_loop_send_writes_a_request_aiohttp_leaves_as_built(
+    fixed: FixState,
+    web_server: WebServer,
+    connections: ConnectionCounter,
+    wire: Wire,
+    monkeypatch: pytest.MonkeyPatch,
+    shape: str,
+    kind: str,
+) -> None:
+    """Sequential small requests: send() writes head and body in one write as
+    soon as it is called, before aiohttp's send() builds the writer, where
+    that send() would send the head as it stands; the bytes on the wire are
+    the unpatched client's, and the connection is reused as unpatched."""
+    early, session_args, request_args = SHAPES[shape]
+    request_args = dict(request_args)
+    method = request_args.pop("method", "POST")
+    url = web_server.url / "upload"
+
+    async def requests() -> None:
+        async with connections.session(timeout=SAFETY, **session_args()) as session:
+            for _ in range(2):
+                data = IN_MEMORY[kind]()
+                args = dict(request_args)
+                if "Content-Length" in args.get("headers", {}):
+                    args["headers"] = {"Content-Length": str(len(content(data)))}
+                async with session.request(method, url, data=data, **args) as resp:
+                    assert resp.status == 200
+                    await resp.read()
+
+    with switched(FIX_ID, applied=False):
+        await requests()
+    unpatched = (wire.client(), connections.created)
+    del wire.writes[:]
+    connections.created = 0
+    at_call: List[List[bytes]] = []
+    send = client_reqrep.ClientRequest.send
+
+    def watched(self: Any, conn: Any) -> Any:
+        before = len(wire.writes)
+        coro = send(self, conn)
+        at_call.append(wire.writes[before:])
+        return coro
+
+    monkeypatch.setattr(client_reqrep.ClientRequest, "send", watched)
+    await requests()
+    patched = wire.client()
+    body = content(IN_MEMORY[kind]())
+    assert [r[2] for r in web_server.received] == [body] * 4
+    # The same bytes, each request in one write; as many connections.
+    assert b"".join(patched) == b"".join(unpatched[0])
+    assert len(patched) == 2
+    assert connections.created == unpatched[1]
+    # The second request, on the pooled connection, finds an idle loop. (The
+    # first may find the loop busy with the new connection's callbacks: it
+    # then goes in the next loop iteration, without a write task.)
+    assert at_call[1] == ([patched[1]] if early else [])
+    assert at_call[0] in ([], [patched[0]] if early else [])
+
+
+@pytest.mark.skipif(not TASKLESS, reason="send() leaves no request on the connection")
+async def test_a_head_changed_after_send_wrote_it_fails_the_request(
+    fixed: FixState,
+    raw_server: RawHTTPServer,
+    wire: Wire,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A guard: send() writes a request early only where aiohttp's send()
+    leaves its head as built. Should the head change after all, the request
+    on the wire is not the one aiohttp meant: the request fails, and its
+    connection is not reused."""
+    send = client_reqrep.ClientRequest.send
+
+    def changed_later(self: Any, conn: Any) -> Any:
+        coro = send(self, conn)
+        self.headers["X-Late"] = "1"
+        return coro
+
+    async with aiohttp.ClientSession(timeout=SAFETY) as session:
+        with monkeypatch.context() as m:
+            m.setattr(client_reqrep.ClientRequest, "send", changed_later)
+            with pytest.raises(
+                aiohttp.ClientOSError, match="aiohttp_payloadfix wrote a request"
+            ):
+                async with session.post(raw_server.url("/upload"), data=b"a") as resp:
+                    await resp.read()
+        async with session.post(raw_server.url("/upload"), data=b"b") as resp:
+            assert resp.status == 200
+            await resp.read()
+    await raw_server.settle()
+    raw_server.assert_clean()
+    assert [[r.body for r in c.requests] for c in raw_server.connections] == [
+        [b"a"],
+        [b"b"],
+    ]
+    assert raw_server.requests[0].header("X-Late") is None
 
 
 @pytest.mark.skipif(not TASKLESS, reason="send() leaves no request on the connection")
