@@ -78,6 +78,7 @@ chunks sends the body aiohttp's way (its first write still carries the head).
 from __future__ import annotations
 
 import inspect
+import io
 import sys
 import weakref
 from typing import (
@@ -551,6 +552,10 @@ def _build_whole_body() -> Callable[[Any], Optional[Tuple[Any, Any, int]]]:
             if not LEDGER.is_applied(_REUSE):
                 return None
             f = body._value
+            if type(f) is not io.BytesIO:
+                # A subclass may read or size itself otherwise: the fix's
+                # payload write reads it, and aiohttp's path ends it.
+                return None
             size = bytes_io_left(f)
             if size < 0:  # closed: aiohttp's path tells
                 return None
@@ -698,9 +703,10 @@ def _build_send(original: Callable[..., Any]) -> Callable[..., Any]:
             # changes no header, the request target is the URL's path and
             # query, and this fix's write_headers is the one it calls (to
             # find the request written, not write its head again).
-            connection not in headers
+            cls is request_class  # (a subclass may change what send() reads)
+            and connection not in headers
             and (content_type in headers or self.method not in self.POST_METHODS)
-            and self.version == http11
+            and self.version is http11  # (aiohttp's own: not a look-alike tuple)
             and not conn._connector.force_close
             and not self.proxy
             and self.method != connect

@@ -141,8 +141,10 @@ async def _write_file(pl: Any, writer: Any) -> None:
 def _build_write(original: Callable[..., Any]) -> Callable[..., Any]:
     async def write(self: Any, writer: Any) -> None:
         f = self._value
-        if not isinstance(f, io.BytesIO):
-            # A file: its reads cost far more than this frame.
+        if type(f) is not io.BytesIO:
+            # A file, or a BytesIO subclass (whose read may return less than
+            # asked before its end): read until its end or the declared
+            # length. (A file's reads cost far more than this frame.)
             await _write_file(self, writer)
             return
         # A BytesIO, inline (one frame less on the common in-memory path):

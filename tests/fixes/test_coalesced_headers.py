@@ -681,6 +681,14 @@ async def test_on_an_idle_loop_write_headers_writes_the_whole_request(
     assert head_of(write)[1] == content(data)
 
 
+class _ClosingRequest(client_reqrep.ClientRequest):
+    """A request class that keeps no connection alive (it writes its body
+    aiohttp's way, so the fix's send() still takes it)."""
+
+    def keep_alive(self) -> bool:
+        return False
+
+
 #: Request shapes: (written whole by send() itself on an idle loop, session
 #: arguments, request arguments). send() writes a request before aiohttp's
 #: send() runs only where that send() leaves the head as built (no header
@@ -703,6 +711,12 @@ SHAPES: Dict[str, Tuple[bool, Callable[[], Dict[str, Any]], Dict[str, Any]]] = {
     "a closing connector": (
         False,
         lambda: {"connector": aiohttp.TCPConnector(force_close=True)},
+        {},
+    ),
+    # 3.11.0-3.11.6 ask keep_alive() whether to add "Connection: close".
+    "a request class of its own": (
+        False,
+        lambda: {"request_class": _ClosingRequest},
         {},
     ),
 }
@@ -768,6 +782,52 @@ async def test_on_an_idle_loop_send_writes_a_request_aiohttp_leaves_as_built(
     # then goes in the next loop iteration, without a write task.)
     assert at_call[1] == ([patched[1]] if early else [])
     assert at_call[0] in ([], [patched[0]] if early else [])
+
+
+@pytest.mark.skipif(not TASKLESS, reason="send() leaves no request on the connection")
+async def test_a_request_aiohttp_cannot_send_is_not_written_early(
+    fixed: FixState, raw_server: RawHTTPServer, wire: Wire
+) -> None:
+    """A session version that only looks like HTTP/1.1 (a plain tuple)
+    fails inside aiohttp's send() before anything is written: it must not
+    reach the server first."""
+    with pytest.raises(AttributeError):
+        async with aiohttp.ClientSession(
+            timeout=SAFETY,
+            version=(1, 1),  # type: ignore[arg-type]
+        ) as session:
+            for _ in range(2):  # (the second on an idle loop)
+                async with session.post(raw_server.url("/"), data=b"a") as resp:
+                    await resp.read()
+    assert wire.client() == []
+    await raw_server.settle()
+    assert raw_server.requests == []
+
+
+@pytest.mark.skipif(not TASKLESS, reason="send() leaves no request on the connection")
+async def test_a_bytes_io_subclass_is_not_written_whole(
+    fixed: FixState, raw_server: RawHTTPServer, send_watch: SendWatch
+) -> None:
+    """A BytesIO subclass may read or size itself otherwise than BytesIO:
+    it goes through the payload's write, after send() returns."""
+
+    class Chunky(io.BytesIO):
+        def read(self, size: Optional[int] = -1) -> bytes:
+            return super().read(size if size is None or size < 0 else min(size, 100))
+
+    async with aiohttp.ClientSession(timeout=SAFETY) as session:
+        for _ in range(2):
+            data = Chunky(b"c" * KiB)
+            async with session.post(raw_server.url("/upload"), data=data) as resp:
+                assert resp.status == 200
+                await resp.read()
+    raw_server.assert_clean()
+    assert [r.body for r in raw_server.requests] == [b"c" * KiB] * 2
+    # When each send() returned, no write of its own request had gone out.
+    first, second = send_watch.at_return
+    assert first == []
+    assert b"".join(second) == b"".join(send_watch.wire.client()[: len(second)])
+    assert b"".join(second).count(b"POST /upload") == 1
 
 
 @pytest.mark.skipif(not TASKLESS, reason="send() leaves no request on the connection")

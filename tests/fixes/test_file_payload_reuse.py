@@ -80,6 +80,18 @@ def _buffered_over_bytesio(path: Path) -> IO[Any]:
     return io.BufferedReader(io.BytesIO(path.read_bytes()))  # no size: chunked
 
 
+class _ShortReads(io.BytesIO):
+    """A BytesIO whose reads return at most 1000 bytes: less than asked
+    before its end, as a raw stream may."""
+
+    def read(self, size: Optional[int] = -1) -> bytes:
+        return super().read(1000 if size is None or size < 0 else min(size, 1000))
+
+
+def _short_reads(path: Path) -> IO[Any]:
+    return _ShortReads(path.read_bytes())
+
+
 def _text(path: Path) -> IO[Any]:
     return open(path, encoding="utf-8")  # TextIOWrapper: TextIOPayload
 
@@ -104,6 +116,7 @@ KINDS = (
     FileKind("BytesIO()", 0, _bytesio, closed_after=False, racy=True),
     FileKind("BytesIO(10 B)", 10, _bytesio, closed_after=False, racy=True),
     FileKind("BytesIO(100 kB)", 100_000, _bytesio, closed_after=False, racy=True),
+    FileKind("BytesIO subclass, short reads", 10_000, _short_reads, False, racy=True),
     FileKind("open(rb) empty", 0, _binary, closed_after=True, racy=True),
     FileKind("open(rb)", 100_000, _binary, closed_after=True, racy=True),
     FileKind("open(r+b)", 10_000, _random_access, closed_after=True, racy=True),
