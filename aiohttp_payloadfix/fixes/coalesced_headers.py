@@ -77,6 +77,7 @@ chunks sends the body aiohttp's way (its first write still carries the head).
 
 from __future__ import annotations
 
+import asyncio.sslproto
 import inspect
 import io
 import sys
@@ -116,6 +117,21 @@ __all__ = ("FIX",)
 #: than a second send); larger ones follow it in their own write.
 _JOIN_LIMIT = 2**16
 
+
+#: asyncio's TLS transport encrypts the parts given to ``writelines`` one
+#: after the other and sends the result in one socket write, as aiohttp 3.12
+#: sends a head and its first chunk: above ``_GATHER_ABOVE`` a body goes so
+#: (a 64 KiB body joined to its head was a copy aiohttp 3.12 does not make:
+#: 1-1.5 us more client CPU per concurrent 64 KiB BytesIO request over TLS,
+#: 15 rounds twice). Below it, joining costs less than the TLS record the
+#: head would take on its own. (A socket transport joins the parts anyway
+#: below Python 3.12, and so does the TLS transport below 3.11: None there.)
+_TLS_TRANSPORT: Optional[type] = getattr(
+    asyncio.sslproto, "_SSLProtocolTransport", None
+)
+if _TLS_TRANSPORT is not None and "writelines" not in vars(_TLS_TRANSPORT):
+    _TLS_TRANSPORT = None
+_GATHER_ABOVE = 2**14
 
 #: The values of an exact payload that the whole-request path writes as they
 #: are (a memoryview, say, takes aiohttp's path).
@@ -420,7 +436,9 @@ def _send_whole(writer: Any, protocol: Any, transport: Any, data: Any) -> Any:
     """Write the held head and the whole body; what the write task awaits."""
     head = _release_head(writer, http_writer.StreamWriter)
     size = len(data)
-    if size <= _JOIN_LIMIT:
+    if size > _GATHER_ABOVE and head and type(transport) is _TLS_TRANSPORT:
+        transport.writelines((head, data))  # neither copied nor sent apart
+    elif size <= _JOIN_LIMIT:
         if head or data:  # (an empty head was sent already)
             transport.write(head + data)
     else:  # not copied

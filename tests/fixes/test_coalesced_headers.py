@@ -9,9 +9,12 @@ head is the start of the first write that carries body bytes.
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
 import functools
 import inspect
 import io
+import socket
+import ssl
 import sys
 import zlib
 from asyncio import selector_events
@@ -782,6 +785,94 @@ async def test_on_an_idle_loop_send_writes_a_request_aiohttp_leaves_as_built(
     # then goes in the next loop iteration, without a write task.)
     assert at_call[1] == ([patched[1]] if early else [])
     assert at_call[0] in ([], [patched[0]] if early else [])
+
+
+@pytest.mark.skipif(not AFFECTED, reason="3.12+: aiohttp's own writes")
+@pytest.mark.parametrize("kind", ["bytes", "BytesIO"])
+@pytest.mark.parametrize("size", [KiB, 16 * KiB, 64 * KiB, 1024 * KiB])
+async def test_over_tls_a_large_body_goes_beside_its_head(
+    fixed: FixState, monkeypatch: pytest.MonkeyPatch, size: int, kind: str
+) -> None:
+    """Over asyncio's TLS transport a whole body above 16 KiB is handed over
+    with its head in one ``writelines`` (encrypted one after the other, sent
+    in one socket write), not copied into one buffer with it; a smaller one
+    is joined to the head. Sequential and concurrent requests alike. (Below
+    Python 3.11 the TLS transport joins what ``writelines`` gets: the body
+    is then written as before.)"""
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    server_ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ssl)
+    client_ssl = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    ca.configure_trust(client_ssl)
+    received: List[bytes] = []
+
+    async def record(request: web.Request) -> web.Response:
+        received.append(await request.read())
+        return web.Response(body=b"")
+
+    app = web.Application(client_max_size=2 * size)
+    app.router.add_post("/upload", record)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    url = URL.build(scheme="https", host="127.0.0.1", port=sock.getsockname()[1])
+    calls: List[Tuple[str, List[int]]] = []
+    transport_class: Any = asyncio.sslproto._SSLProtocolTransport
+    write = transport_class.write
+    writelines = transport_class.writelines
+
+    def client(transport: Any) -> bool:
+        return isinstance(transport.get_protocol(), client_proto.ResponseHandler)
+
+    def recording_write(self: Any, data: Any) -> None:
+        if client(self):
+            calls.append(("write", [len(data)]))
+        write(self, data)
+
+    def recording_writelines(self: Any, parts: Any) -> None:
+        parts = list(parts)
+        if client(self):
+            calls.append(("writelines", [len(p) for p in parts]))
+        writelines(self, parts)
+
+    monkeypatch.setattr(transport_class, "write", recording_write)
+    monkeypatch.setattr(transport_class, "writelines", recording_writelines)
+    body = b"t" * size
+
+    def data() -> Any:
+        return io.BytesIO(body) if kind == "BytesIO" else body
+
+    try:
+        await web.SockSite(runner, sock, ssl_context=server_ssl).start()
+        connector = aiohttp.TCPConnector(ssl=client_ssl)
+        async with aiohttp.ClientSession(connector=connector, timeout=SAFETY) as s:
+
+            async def one() -> None:
+                async with s.post(url / "upload", data=data()) as resp:
+                    assert resp.status == 200
+                    await resp.read()
+
+            for _ in range(2):
+                await one()
+            await asyncio.gather(*(one() for _ in range(4)))
+    finally:
+        await runner.cleanup()
+        sock.close()
+    assert received == [body] * 6
+    if coalesced_headers._TLS_TRANSPORT is None:
+        assert "writelines" not in {c[0] for c in calls}
+    elif size > 16 * KiB and (kind == "bytes" or size <= 64 * KiB):
+        # Written whole: one call per request, the head beside the body.
+        assert [c[0] for c in calls] == ["writelines"] * 6
+        assert {len(c[1]) for c in calls} == {2}
+        assert {c[1][1] for c in calls} == {size}
+    elif size <= 16 * KiB:
+        assert [c[0] for c in calls] == ["write"] * 6
+        assert {c[1][0] > size for c in calls} == {True}  # joined
+    else:  # a 1 MiB BytesIO: read in parts, aiohttp's way
+        assert received == [body] * 6
 
 
 @pytest.mark.skipif(not TASKLESS, reason="send() leaves no request on the connection")
