@@ -947,10 +947,10 @@ def round_spread(
     return statistics.median(spreads) if spreads else None
 
 
-def busy_machine(*loads: str) -> bool:
+def busy_machine(load: str) -> bool:
     """Other work kept the CPUs busy: a load average above 3/4 of them."""
     try:
-        return max(float(x) for x in loads) > 0.75 * (os.cpu_count() or 1)
+        return float(load) > 0.75 * (os.cpu_count() or 1)
     except ValueError:
         return False
 

@@ -729,6 +729,7 @@ def _build_send(original: Callable[..., Any]) -> Callable[..., Any]:
             and not self.proxy
             and self.method != connect
             and base.write_headers is _own["write_headers"]
+            # (_ready(protocol), inline: _paused was checked above.)
             and transport is not None
             and not transport.is_closing()
         ):
