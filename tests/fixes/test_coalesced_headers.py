@@ -152,7 +152,7 @@ SMALL_BODIES: Dict[str, Callable[[], Union[bytes, bytearray, io.BytesIO]]] = {
     "bytes": lambda: b"x" * KiB,
     "bytearray": lambda: bytearray(b"y" * KiB),
     "BytesIO": lambda: io.BytesIO(b"z" * KiB),
-    "64 KiB bytes": lambda: b"w" * (64 * KiB),
+    "16 KiB bytes": lambda: b"w" * (16 * KiB),
 }
 
 
@@ -382,8 +382,55 @@ async def test_in_memory_body_goes_out_before_send_returns(
     assert b"".join(at_return) == b"".join(send_watch.wire.client())
     head, rest = head_of(b"".join(at_return))
     assert rest == expected
-    # One write, unless the body is too large to copy into the head's.
-    assert len(at_return) == (1 if len(expected) <= 64 * KiB else 2)
+    # One write, unless the body is above 16 KiB: it then follows its head.
+    assert len(at_return) == (1 if len(expected) <= 16 * KiB else 2)
+    if len(at_return) == 2:
+        assert head_of(at_return[0])[1] == b""
+
+
+@pytest.mark.skipif(not AFFECTED, reason="3.12+: aiohttp's own writes")
+@pytest.mark.parametrize("loop", ["idle", "busy"])
+@pytest.mark.parametrize(
+    "kind", ["16 KiB bytes", "64 KiB bytes", "64 KiB BytesIO", "1 MiB bytes"]
+)
+async def test_on_an_idle_loop_a_body_above_16_kib_follows_its_head(
+    fixed: FixState,
+    raw_server: RawHTTPServer,
+    send_watch: SendWatch,
+    kind: str,
+    loop: str,
+) -> None:
+    """A sequential request's head goes out on its own when its body is above
+    16 KiB, the body right after it, both inside send(): the server reads the
+    head while the client hands over the body, as with unpatched aiohttp.
+    Under load (other callbacks ready) head and body go in one write, the
+    body joined to the head up to 64 KiB; above that, not copied."""
+    if loop == "busy":
+        if not hasattr(asyncio.get_running_loop(), "_ready"):
+            pytest.skip("this event loop does not show its ready callbacks")
+        send_watch.busy = True
+    bodies: Dict[str, Callable[[], Any]] = {
+        "16 KiB bytes": lambda: b"a" * (16 * KiB),
+        "64 KiB bytes": lambda: b"b" * (64 * KiB),
+        "64 KiB BytesIO": lambda: io.BytesIO(b"c" * (64 * KiB)),
+        "1 MiB bytes": lambda: b"d" * (1024 * KiB),
+    }
+    data = bodies[kind]()
+    expected = content(data)
+    await post(raw_server, data)
+    assert one_request(raw_server) == expected
+    writes = send_watch.wire.client()
+    if loop == "idle":
+        (at_return,) = send_watch.at_return
+        assert at_return == writes
+    apart = len(expected) > 64 * KiB or (loop == "idle" and len(expected) > 16 * KiB)
+    if apart:
+        head, body = writes
+        assert head_of(head)[1] == b""
+        assert body == expected
+    else:
+        (write,) = writes
+        assert head_of(write)[1] == expected
 
 
 @pytest.mark.skipif(not AFFECTED, reason="3.12+: aiohttp's own timing")
@@ -793,11 +840,12 @@ async def test_on_an_idle_loop_send_writes_a_request_aiohttp_leaves_as_built(
 async def test_over_tls_a_large_body_goes_beside_its_head(
     fixed: FixState, monkeypatch: pytest.MonkeyPatch, size: int, kind: str
 ) -> None:
-    """Over asyncio's TLS transport a whole body above 16 KiB is handed over
-    with its head in one ``writelines`` (encrypted one after the other, sent
-    in one socket write), not copied into one buffer with it; a smaller one
-    is joined to the head. Sequential and concurrent requests alike. (Below
-    Python 3.11 the TLS transport joins what ``writelines`` gets: the body
+    """Under load, over asyncio's TLS transport, a whole body above 16 KiB is
+    handed over with its head in one ``writelines`` (encrypted one after the
+    other, sent in one socket write), not copied into one buffer with it; a
+    smaller one is joined to the head. On an idle loop (sequential requests)
+    a body above 16 KiB follows its head in a second write. (Below Python
+    3.11 the TLS transport joins what ``writelines`` gets: a body under load
     is then written as before.)"""
     trustme = pytest.importorskip("trustme")
     ca = trustme.CA()
@@ -840,6 +888,15 @@ async def test_over_tls_a_large_body_goes_beside_its_head(
     monkeypatch.setattr(transport_class, "write", recording_write)
     monkeypatch.setattr(transport_class, "writelines", recording_writelines)
     body = b"t" * size
+    busy = [False]
+    send = client_reqrep.ClientRequest.send
+
+    async def loaded_send(self: Any, *args: Any) -> Any:
+        if busy[0]:  # another callback ready: a loop under load
+            asyncio.get_running_loop().call_soon(lambda: None)
+        return await send(self, *args)
+
+    monkeypatch.setattr(client_reqrep.ClientRequest, "send", loaded_send)
 
     def data() -> Any:
         return io.BytesIO(body) if kind == "BytesIO" else body
@@ -856,18 +913,32 @@ async def test_over_tls_a_large_body_goes_beside_its_head(
 
             for _ in range(2):
                 await one()
+            busy[0] = True
             await asyncio.gather(*(one() for _ in range(4)))
     finally:
         await runner.cleanup()
         sock.close()
     assert received == [body] * 6
-    if coalesced_headers._TLS_TRANSPORT is None:
+    whole = size > 16 * KiB and (kind == "bytes" or size <= 64 * KiB)
+    if whole and coalesced_headers._TLS_TRANSPORT is not None:
+        # Per request: "beside" (one writelines, the head beside the body)
+        # or "apart" (a write of the head, then one of the body).
+        ways = []
+        while calls:
+            call, *calls = calls
+            if call[0] == "writelines":
+                assert call[1][0] < KiB and call[1][1:] == [size]
+                ways.append("beside")
+            else:
+                assert call[1][0] < KiB and calls[0] == ("write", [size])
+                calls = calls[1:]
+                ways.append("apart")
+        # The first request may find the loop busy with the new connection's
+        # callbacks; the second, on the pooled connection, finds it idle.
+        assert ways[0] in ("beside", "apart")
+        assert ways[1:] == ["apart"] + ["beside"] * 4
+    elif coalesced_headers._TLS_TRANSPORT is None:
         assert "writelines" not in {c[0] for c in calls}
-    elif size > 16 * KiB and (kind == "bytes" or size <= 64 * KiB):
-        # Written whole: one call per request, the head beside the body.
-        assert [c[0] for c in calls] == ["writelines"] * 6
-        assert {len(c[1]) for c in calls} == {2}
-        assert {c[1][1] for c in calls} == {size}
     elif size <= 16 * KiB:
         assert [c[0] for c in calls] == ["write"] * 6
         assert {c[1][0] > size for c in calls} == {True}  # joined
