@@ -454,13 +454,16 @@ def _send_whole(
     if size <= _GATHER_ABOVE or not head:
         if head or data:  # (an empty head was sent already)
             transport.write(head + data)
-    elif idle or (size > _JOIN_LIMIT and type(transport) is not _TLS_TRANSPORT):
+    elif idle:
         transport.write(head)
-        transport.write(data)  # (not copied)
+        transport.write(data)
     elif type(transport) is _TLS_TRANSPORT:
         transport.writelines((head, data))  # neither copied nor sent apart
-    else:
+    elif size <= _JOIN_LIMIT:
         transport.write(head + data)
+    else:  # not copied
+        transport.write(head)
+        transport.write(data)
     _ended(writer, len(head) + size, size)
     return _body_sent(writer, protocol)
 
